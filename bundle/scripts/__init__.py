@@ -1,0 +1,1 @@
+"""QSMGAN bundle code: physics, phantoms, data, networks, engines, inference, baselines and metrics."""

@@ -1,0 +1,302 @@
+"""Training and validation data: the on-the-fly synthetic engine, simulated whole volumes and user datalists.
+
+* :class:`SyntheticPatchStream` — an endless, seeded stream of (64³ field patch, 48³ χ target) pairs simulated
+  from physics on the training device; the default training source.
+* :class:`SimulatedVolumes` — a fixed, seeded set of whole simulated cases (field, χ, mask, affine) for
+  validation and for the inference demo.
+* :func:`training_loader` — picks the synthetic stream, or a user datalist of NIfTI field/χ/mask files
+  read and patch-sampled by MONAI transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor, load_decathlon_datalist
+from monai.transforms import Compose
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .physics import demean_in_mask, forward_field
+
+__all__ = ["SyntheticPatchStream", "SimulatedVolumes", "simulate_case", "training_loader", "ellipsoid_mask", "validation_dataset"]
+
+Phantom = Callable[..., torch.Tensor]
+
+#: A large odd multiplier that separates the random streams of different seeds and ranks.
+_STREAM_STRIDE = 1_000_003
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def ellipsoid_mask(
+    shape: Sequence[int],
+    voxel_size: Sequence[float],
+    gen: torch.Generator,
+    fill: tuple[float, float] = (0.7, 0.95),
+    extent_scale: float = 1.0,
+    shift: Sequence[float] = (0.0, 0.0, 0.0),
+) -> torch.Tensor:
+    """A random, slightly rotated ellipsoidal 'head' mask (bool, X×Y×Z).
+
+    The ellipsoid's semi-axes are ``fill`` (drawn uniformly in the range) × ``extent_scale`` × half the grid
+    extent; its centre is moved by ``shift`` (mm) from the grid centre.
+    """
+    from .phantoms.random_sources import random_rotation
+
+    extent = torch.tensor([n * v for n, v in zip(shape, voxel_size)], dtype=torch.float32)
+    semi = extent_scale * extent / 2 * (fill[0] + (fill[1] - fill[0]) * torch.rand(3, generator=gen))
+    axes = [
+        (torch.arange(n, dtype=torch.float32) + 0.5) * v - e / 2 - float(s)
+        for n, v, e, s in zip(shape, voxel_size, extent, shift)
+    ]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    tilt = (random_rotation(gen) * 0.1 + torch.eye(3, dtype=torch.float64) * 0.9).float()
+    return ((grid @ tilt) / semi).square().sum(-1) <= 1.0
+
+
+class SyntheticPatchStream(IterableDataset):
+    """Endless stream of simulated training pairs: a ``patch_size``³ local field and the central χ crop.
+
+    Each sample draws a χ map from one of ``phantoms`` (chosen with ``weights``) on a region ``context`` voxels
+    larger than the patch on every side, so that the field inside the patch also carries the non-local
+    contribution of sources outside it. The field is simulated with zero padding (no wrap-around), restricted to
+    a mask (with probability ``mask_prob`` a random ellipsoid whose border crosses the patch, else the whole
+    region; χ is zero outside it, as after background-field removal) and demeaned inside it, then Gaussian noise
+    at a random SNR is added and random flips of each axis are applied to field and χ together (valid because D
+    is even in every k component).
+
+    Sample ``i`` of the stream depends only on ``(seed, i)``, so the stream is reproducible and independent of the
+    batch size; several DataLoader workers or DDP ranks take disjoint samples.
+
+    Keywords:
+        phantoms: phantom generators (see :mod:`scripts.phantoms`); default one :class:`RandomSourcePhantom`.
+        weights: relative frequency of each phantom.
+        patch_size: input patch edge in voxels (64 in QSMGAN).
+        margin: crop margin; the target is the central ``patch_size − 2·margin`` cube (48³ for margin 8).
+        context: extra simulated voxels on every side of the patch.
+        voxel_size: mm.
+        b0_direction: voxel coordinates.
+        snr: (min, max) ratio of the field's RMS inside the mask to the noise σ, drawn log-uniformly.
+        mask_prob: probability of a random ellipsoidal mask border inside the patch.
+        flip_prob: probability of flipping each axis.
+        pad: zero padding of the simulated region before the FFT, as a fraction per side (see ``forward_field``).
+        batch_size: samples per yielded batch (the stream yields stacked batches: use ``DataLoader(batch_size=None)``).
+        seed: stream seed.
+        device: where fields are simulated ("cuda" when training on GPU).
+    """
+
+    def __init__(
+        self,
+        phantoms: Sequence[Phantom] | None = None,
+        weights: Sequence[float] | None = None,
+        patch_size: int = 64,
+        margin: int = 8,
+        context: int = 16,
+        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+        snr: Sequence[float] = (5.0, 100.0),
+        mask_prob: float = 0.3,
+        flip_prob: float = 0.5,
+        pad: float = 0.25,
+        batch_size: int = 2,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        from .phantoms import RandomSourcePhantom
+
+        self.phantoms = list(phantoms) if phantoms else [RandomSourcePhantom()]
+        w = [1.0] * len(self.phantoms) if weights is None else [float(x) for x in weights]
+        if len(w) != len(self.phantoms) or min(w) < 0 or sum(w) <= 0:
+            raise ValueError(f"weights must be {len(self.phantoms)} non-negative numbers with a positive sum, got {w}")
+        self.weights = torch.tensor(w, dtype=torch.float64)
+        if patch_size <= 2 * margin:
+            raise ValueError(f"patch_size ({patch_size}) must exceed 2 * margin ({2 * margin})")
+        if snr[0] <= 0 or snr[1] < snr[0]:
+            raise ValueError(f"snr must be (min, max) with 0 < min <= max, got {snr!r}")
+        self.patch_size, self.margin, self.context = int(patch_size), int(margin), int(context)
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.b0_direction = tuple(float(v) for v in b0_direction)
+        self.snr = (float(snr[0]), float(snr[1]))
+        self.mask_prob, self.flip_prob, self.pad = float(mask_prob), float(flip_prob), float(pad)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.device = torch.device(device)
+        self.start = 0  # index of the first sample; set on resume so that the stream does not repeat
+
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
+        """Simulate sample ``index``: ``{"image": (1, P, P, P) field ppm, "label": (1, C, C, C) χ ppm}``."""
+        gen = torch.Generator().manual_seed(self.seed * _STREAM_STRIDE + index)
+        size = self.patch_size + 2 * self.context
+        shape = (size, size, size)
+        phantom = self.phantoms[int(torch.multinomial(self.weights, 1, generator=gen))]
+        chi = phantom(shape, self.voxel_size, generator=gen, device=self.device).float()
+        if torch.rand(1, generator=gen).item() < self.mask_prob:
+            mask = self._patch_mask(shape, gen).to(self.device)
+        else:
+            mask = torch.ones(shape, dtype=torch.bool, device=self.device)
+        chi = chi * mask
+        field = forward_field(chi, self.voxel_size, self.b0_direction, mask=mask, pad=self.pad)
+        c, p = self.context, self.patch_size
+        field, chi, mask = (t[c : c + p, c : c + p, c : c + p] for t in (field, chi, mask))
+        field = demean_in_mask(field, mask)
+        rms = field[mask].square().mean().sqrt() if bool(mask.any()) else field.new_zeros(())
+        log_snr = math.log(self.snr[0]) + torch.rand(1, generator=gen).item() * math.log(self.snr[1] / self.snr[0])
+        noise = torch.randn(field.shape, generator=gen).to(self.device)
+        field = (field + noise * (rms / math.exp(log_snr))) * mask
+        for axis in range(3):
+            if torch.rand(1, generator=gen).item() < self.flip_prob:
+                field, chi = field.flip(axis), chi.flip(axis)
+        m = self.margin
+        return {"image": field[None].contiguous(), "label": chi[None, m : p - m, m : p - m, m : p - m].contiguous()}
+
+    def _patch_mask(self, shape, gen) -> torch.Tensor:
+        # an ellipsoid about twice the region, shifted along a random direction so that its border crosses
+        # the central patch
+        direction = torch.randn(3, generator=gen)
+        distance = 0.45 + 0.45 * torch.rand(1, generator=gen).item()
+        shift = [float(d) * distance * n * v for d, n, v in zip(direction / direction.norm(), shape, self.voxel_size)]
+        return ellipsoid_mask(shape, self.voxel_size, gen, fill=(0.7, 0.9), extent_scale=2.0, shift=shift)
+
+    def __iter__(self):
+        rank, world = _rank_and_world()
+        worker = get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        stride, lane = world * nworkers, rank * nworkers + wid
+        batch = self.start // self.batch_size
+        while True:
+            first = (batch * stride + lane) * self.batch_size
+            samples = [self.sample(first + j) for j in range(self.batch_size)]
+            yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+            batch += 1
+
+
+def simulate_case(
+    phantom: Phantom,
+    shape: Sequence[int],
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+    snr: float | None = 40.0,
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Simulate one whole case: χ (ppm), its local field (ppm, noisy at ``snr``) and the mask.
+
+    χ is zero outside the mask (an ellipsoidal head unless ``mask`` or the phantom gives one); the field is
+    simulated with padding, demeaned inside the mask, and Gaussian noise with σ = RMS(field in mask) / snr is
+    added (``snr=None``: noiseless).
+
+    Returns:
+        dict of float32 tensors ``field``, ``chi``, ``mask`` (X, Y, Z) and ``affine`` (4, 4), the affine of a
+        scanner-aligned grid with the given voxel size centred on the origin.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    shape = tuple(int(s) for s in shape)
+    out = phantom(shape, voxel_size, generator=gen)
+    if isinstance(out, dict):
+        chi, mask = out["chi"], out.get("mask", mask)
+    else:
+        chi = out
+    if mask is None:
+        mask = ellipsoid_mask(shape, voxel_size, gen)
+    mask = mask.bool()
+    chi = chi.float() * mask
+    field = forward_field(chi, voxel_size, b0_direction, mask=mask)
+    if snr is not None:
+        rms = field[mask].square().mean().sqrt()
+        field = (field + torch.randn(shape, generator=gen) * rms / float(snr)) * mask
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, :3] = torch.diag(torch.tensor([float(v) for v in voxel_size], dtype=torch.float64))
+    affine[:3, 3] = -0.5 * (torch.tensor(shape, dtype=torch.float64) - 1) * affine.diagonal()[:3]
+    return {"field": field, "chi": chi, "mask": mask.float(), "affine": affine}
+
+
+class SimulatedVolumes(Dataset):
+    """A fixed set of whole simulated cases for validation: items ``{"image", "label", "mask"}`` as
+    channel-first :class:`monai.data.MetaTensor` with the case affine, cases ``seed, seed + 1, …``.
+
+    Keywords:
+        phantom: phantom generator (default :class:`RandomSourcePhantom`).
+        num_cases: number of volumes.
+        shape: grid size (X, Y, Z); deliberately not a multiple of 48 by default.
+        voxel_size, b0_direction, snr, seed: as in :func:`simulate_case`.
+    """
+
+    def __init__(
+        self,
+        phantom: Phantom | None = None,
+        num_cases: int = 2,
+        shape: Sequence[int] = (100, 100, 90),
+        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+        snr: float | None = 40.0,
+        seed: int = 10_000,
+    ) -> None:
+        from .phantoms import RandomSourcePhantom
+
+        phantom = phantom if phantom is not None else RandomSourcePhantom()
+        items = []
+        for i in range(int(num_cases)):
+            case = simulate_case(phantom, shape, voxel_size, b0_direction, snr, seed + i)
+            meta = {"affine": case["affine"], "filename_or_obj": f"simulated_{seed + i}"}
+            items.append({k: MetaTensor(case[v][None], meta=dict(meta)) for k, v in _KEYS.items()})
+        super().__init__(items)
+
+
+_KEYS = {"image": "field", "label": "chi", "mask": "mask"}
+
+
+def training_loader(
+    synthetic: SyntheticPatchStream,
+    datalist: str | None = None,
+    transforms: Compose | None = None,
+    batch_size: int = 2,
+    num_workers: int = 0,
+) -> DataLoader:
+    """The training DataLoader: the synthetic stream, or the ``training`` list of a user datalist JSON.
+
+    Arguments:
+        synthetic: the synthetic engine, used when ``datalist`` is None.
+        datalist: path to a MONAI datalist JSON whose ``training`` items have ``image`` (local field, ppm),
+            ``label`` (χ, ppm) and ``mask`` NIfTI paths, relative to the JSON's folder.
+        transforms: MONAI transforms that load and patch-sample the user's items (see ``train.json``).
+    """
+    if datalist is None:
+        return DataLoader(synthetic, batch_size=None, num_workers=num_workers)
+    if transforms is None:
+        raise ValueError("a datalist needs the loading/patch-sampling transforms (train#user_transforms)")
+    items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key="training")
+    sampler = None
+    if _rank_and_world()[1] > 1:
+        sampler = torch.utils.data.DistributedSampler(items)
+    return DataLoader(
+        Dataset(items, transform=transforms),
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+    )
+
+
+def validation_dataset(
+    simulated: Dataset, datalist: str | None = None, transforms: Compose | None = None
+) -> Dataset:
+    """Whole volumes for validation: the simulated set, or the ``validation`` items of a user datalist."""
+    if datalist is None:
+        return simulated
+    if transforms is None:
+        raise ValueError("a datalist needs the loading transforms (validate#user_transforms)")
+    items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key="validation")
+    return Dataset(items, transform=transforms)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Detach a tensor to a NumPy array (float32 for floating data)."""
+    a = t.detach().cpu().numpy()
+    return a.astype(np.float32) if a.dtype.kind == "f" else a

@@ -1,0 +1,104 @@
+"""Networks: the QSMGAN generator (a 3D U-Net with a centre-crop head) in physical units.
+
+The backbone is MONAI's :class:`~monai.networks.nets.BasicUNet` (per level 2 × [Conv3d 3×3×3 → BatchNorm →
+LeakyReLU], four down-sampling levels); :class:`QSMGenerator` wraps it so that its input is a local field in
+ppm and its output χ in ppm, cropped by ``margin`` voxels on every side (64³ → 48³), so that each output voxel
+sees the non-local field around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+__all__ = ["CenterCrop3d", "QSMGenerator", "count_parameters"]
+
+
+class CenterCrop3d(nn.Module):
+    """Crop ``margin`` voxels from every side of the last three axes of a (B, C, X, Y, Z) tensor."""
+
+    def __init__(self, margin: int) -> None:
+        super().__init__()
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.margin = int(margin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.margin
+        if m == 0:
+            return x
+        if min(x.shape[-3:]) <= 2 * m:
+            raise ValueError(f"input spatial shape {tuple(x.shape[-3:])} is too small for a crop margin of {m}")
+        return x[..., m:-m, m:-m, m:-m]
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}"
+
+
+class QSMGenerator(nn.Module):
+    """QSMGAN generator: local field (ppm) → χ (ppm), with a centre-crop head.
+
+    Arguments:
+        backbone: a fully convolutional 1-channel → 1-channel network; default the QSMGAN U-Net
+            (BasicUNet, features ``(16, 32, 64, 128, 256, 16)``, LeakyReLU(0.1), BatchNorm).
+
+    Keywords:
+        margin: voxels cropped from every side of the output (8: 64³ → 48³).
+        field_scale: the backbone sees ``field_ppm × field_scale``.
+        chi_scale: the backbone predicts ``χ_ppm × chi_scale``; the output is linear (no tanh), so microbleeds of
+            1–2 ppm are not capped.
+        autocast: run the backbone under bfloat16 autocast (CPUs with AMX-BF16 and GPUs); output stays float32.
+
+    Shapes:
+        input (B, 1, X, Y, Z) with X, Y, Z multiples of 16 → output (B, 1, X − 2m, Y − 2m, Z − 2m).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | None = None,
+        margin: int = 8,
+        field_scale: float = 10.0,
+        chi_scale: float = 10.0,
+        autocast: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone if backbone is not None else qsmgan_unet()
+        self.crop = CenterCrop3d(margin)
+        if field_scale <= 0 or chi_scale <= 0:
+            raise ValueError(f"field_scale and chi_scale must be positive, got {field_scale}, {chi_scale}")
+        self.field_scale = float(field_scale)
+        self.chi_scale = float(chi_scale)
+        self.autocast = bool(autocast)
+
+    @property
+    def margin(self) -> int:
+        return self.crop.margin
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        if field.ndim != 5 or field.shape[1] != 1:
+            raise ValueError(f"expected a (B, 1, X, Y, Z) field, got shape {tuple(field.shape)}")
+        with torch.autocast(field.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.backbone(field * self.field_scale)
+        return self.crop(out.float()) / self.chi_scale
+
+
+def qsmgan_unet(
+    features: Sequence[int] = (16, 32, 64, 128, 256, 16), negative_slope: float = 0.1, norm: str = "batch"
+) -> BasicUNet:
+    """The QSMGAN U-Net backbone: 4 levels of 2 × [Conv3d 3³ → ``norm`` → LeakyReLU(``negative_slope``)]."""
+    return BasicUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        features=tuple(features),
+        act=("LeakyReLU", {"negative_slope": negative_slope, "inplace": True}),
+        norm=norm,
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

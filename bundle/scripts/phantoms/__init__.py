@@ -1,0 +1,9 @@
+"""Susceptibility phantoms: generators that return a χ map (ppm) for a requested grid.
+
+Every phantom is a callable ``phantom(shape, voxel_size, generator) -> torch.Tensor`` of shape (X, Y, Z) in ppm,
+drawing all randomness from the given ``torch.Generator`` so that a seed fixes the result.
+"""
+
+from .random_sources import RandomSourcePhantom
+
+__all__ = ["RandomSourcePhantom"]

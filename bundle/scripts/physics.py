@@ -1,0 +1,231 @@
+"""Physics of the QSM forward problem: dipole kernel, forward field, B0 direction and field units.
+
+Conventions (see ``bundle/docs/README.md``):
+
+* χ and the field are in ppm, voxel sizes in mm, k-space frequencies in cycles/mm from
+  ``torch.fft.fftfreq(n, d=voxel_mm)`` with ``indexing='ij'``.
+* D(k) = 1/3 − (k·b̂)²/|k|² with D(0) = 0 (the Lorentz-corrected kernel; the k = 0 value only fixes a
+  constant offset of the field, which demeaning removes).
+* b̂ is the unit B0 direction in voxel-index coordinates, derived from the NIfTI affine (scanner z = B0).
+* Tensors are ``(..., X, Y, Z)``: any number of leading batch/channel dimensions, CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "GAMMA_BAR_MHZ_PER_T",
+    "FIELD_UNITS",
+    "dipole_kernel",
+    "forward_field",
+    "b0_direction_from_affine",
+    "convert_field",
+]
+
+#: Reduced gyromagnetic ratio of ¹H, γ/2π, in MHz/T.
+GAMMA_BAR_MHZ_PER_T = 42.576
+
+#: Units a field map may be given in.
+FIELD_UNITS = ("ppm", "hz", "rad")
+
+
+def _check_triplet(name: str, value: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 entries (x, y, z), got {len(values)}: {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def _unit_vector(b0_direction: Sequence[float]) -> tuple[float, float, float]:
+    b = _check_triplet("b0_direction", b0_direction)
+    norm = math.sqrt(sum(v * v for v in b))
+    if not norm > 0 or not math.isfinite(norm):
+        raise ValueError(f"b0_direction must be a finite non-zero vector, got {b0_direction!r}")
+    return b[0] / norm, b[1] / norm, b[2] / norm
+
+
+def dipole_kernel(
+    shape: Sequence[int],
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    rfft: bool = False,
+) -> torch.Tensor:
+    """Unit dipole kernel in k-space, D(k) = 1/3 − (k·b̂)²/|k|², with D(0) = 0.
+
+    Arguments:
+        shape: grid size (X, Y, Z) in voxels.
+        voxel_size: voxel size (Δx, Δy, Δz) in mm; anisotropic sizes are honoured.
+        b0_direction: B0 direction in voxel-index coordinates; normalised here.
+
+    Keywords:
+        device, dtype: of the returned kernel.
+        rfft: return the half spectrum (last axis Z//2 + 1) that matches ``torch.fft.rfftn``.
+
+    Returns:
+        Real tensor of shape (X, Y, Z) (or (X, Y, Z//2+1) with ``rfft``), unshifted (k = 0 at index 0).
+
+    References:
+        Salomir R et al. Concepts Magn Reson B 2003;19B:26–34. Marques JP, Bowtell R. Concepts Magn Reson B
+        2005;25B:65–78.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be 3 positive integers, got {shape!r}")
+    voxel = _check_triplet("voxel_size", voxel_size)
+    if min(voxel) <= 0:
+        raise ValueError(f"voxel_size must be positive (mm), got {voxel_size!r}")
+    b = _unit_vector(b0_direction)
+    axes = []
+    for i, (n, d) in enumerate(zip(shape, voxel)):
+        if rfft and i == 2:
+            axes.append(torch.fft.rfftfreq(n, d=d, device=device, dtype=torch.float64))
+        else:
+            axes.append(torch.fft.fftfreq(n, d=d, device=device, dtype=torch.float64))
+    kx, ky, kz = torch.meshgrid(*axes, indexing="ij")
+    k2 = kx * kx + ky * ky + kz * kz
+    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    k2[0, 0, 0] = 1.0  # avoid 0/0; D(0) is set below
+    d = 1.0 / 3.0 - kb * kb / k2
+    d[0, 0, 0] = 0.0
+    return d.to(dtype)
+
+
+def _pad_amounts(shape: Sequence[int], pad: float | Sequence[int]) -> list[int]:
+    if isinstance(pad, (int, float)) and not isinstance(pad, bool):
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0, got {pad}")
+        return [int(math.ceil(n * pad)) for n in shape]
+    amounts = [int(p) for p in pad]
+    if len(amounts) != 3 or min(amounts) < 0:
+        raise ValueError(f"pad must be a fraction or 3 non-negative voxel counts, got {pad!r}")
+    return amounts
+
+
+def forward_field(
+    chi: torch.Tensor,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+    *,
+    mask: torch.Tensor | None = None,
+    pad: float | Sequence[int] = 0.5,
+) -> torch.Tensor:
+    """Field perturbation (ppm) produced by a susceptibility distribution χ (ppm).
+
+    The volume is zero-padded before the FFT so that the field of sources near one face does not wrap around
+    onto the opposite face, convolved with the dipole kernel, and cropped back. With a mask the result is the
+    *local* field: demeaned inside the mask and zero outside.
+
+    Arguments:
+        chi: susceptibility in ppm, shape (..., X, Y, Z).
+        voxel_size: (Δx, Δy, Δz) in mm.
+        b0_direction: B0 direction in voxel coordinates.
+
+    Keywords:
+        mask: optional boolean/0-1 tensor broadcastable to ``chi``; field is demeaned inside it and zeroed outside.
+        pad: zero padding per side, either a fraction of each dimension (0.5 doubles every dimension) or three
+            voxel counts.
+
+    Returns:
+        Field in ppm, same shape, dtype and device as ``chi``.
+    """
+    if chi.ndim < 3:
+        raise ValueError(f"chi must have at least 3 dimensions (..., X, Y, Z), got shape {tuple(chi.shape)}")
+    shape = chi.shape[-3:]
+    px, py, pz = _pad_amounts(shape, pad)
+    padded = torch.nn.functional.pad(chi, (pz, pz, py, py, px, px)) if px or py or pz else chi
+    pshape = padded.shape[-3:]
+    kernel = dipole_kernel(pshape, voxel_size, b0_direction, device=chi.device, dtype=chi.dtype, rfft=True)
+    field = torch.fft.irfftn(kernel * torch.fft.rfftn(padded, dim=(-3, -2, -1)), s=pshape, dim=(-3, -2, -1))
+    field = field[..., px : px + shape[0], py : py + shape[1], pz : pz + shape[2]]
+    if mask is not None:
+        field = demean_in_mask(field, mask)
+    return field.contiguous()
+
+
+def demean_in_mask(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean inside ``mask`` over the last three axes and zero the volume outside it.
+
+    Arguments:
+        volume: (..., X, Y, Z) tensor.
+        mask: 0/1 or boolean tensor broadcastable to ``volume``.
+    """
+    m = mask.to(volume.dtype)
+    m = torch.broadcast_to(m, volume.shape)
+    count = m.sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1.0)
+    mean = (volume * m).sum(dim=(-3, -2, -1), keepdim=True) / count
+    return (volume - mean) * m
+
+
+def b0_direction_from_affine(affine: np.ndarray | torch.Tensor | Sequence[Sequence[float]]) -> np.ndarray:
+    """Unit B0 direction in voxel-index coordinates from a NIfTI voxel-to-world affine.
+
+    Scanner (world) z is taken as the B0 axis, so b̂_i = A[2, i] / ‖A[:3, i]‖ (i = 0, 1, 2): the z component of
+    each voxel axis' unit vector.
+
+    Arguments:
+        affine: 4×4 (or 3×3) voxel-to-world matrix, mm.
+
+    Returns:
+        ``np.ndarray`` of shape (3,), unit length.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape not in ((4, 4), (3, 3), (3, 4)):
+        raise ValueError(f"affine must be 4x4 (or 3x3), got shape {a.shape}")
+    cols = a[:3, :3]
+    norms = np.linalg.norm(cols, axis=0)
+    if np.any(norms <= 0) or not np.all(np.isfinite(cols)):
+        raise ValueError(f"affine has a degenerate voxel axis: {a.tolist()}")
+    b = cols[2] / norms
+    n = np.linalg.norm(b)
+    if n <= 0:
+        raise ValueError("affine gives no component along scanner z; cannot derive the B0 direction")
+    return b / n
+
+
+def _ppm_per_unit(unit: str, b0_tesla: float | None, echo_time: float | None) -> float:
+    unit = unit.lower()
+    if unit not in FIELD_UNITS:
+        raise ValueError(f"field unit must be one of {FIELD_UNITS}, got {unit!r}")
+    if unit == "ppm":
+        return 1.0
+    if b0_tesla is None or not b0_tesla > 0:
+        raise ValueError(f"a field in {unit!r} needs b0_tesla > 0 (field strength in tesla), got {b0_tesla!r}")
+    hz_per_ppm = GAMMA_BAR_MHZ_PER_T * b0_tesla  # 1 ppm of B0 in Hz: γ̄ [MHz/T] · B0 [T] · 1e6 · 1e-6
+    if unit == "hz":
+        return 1.0 / hz_per_ppm
+    if echo_time is None or not echo_time > 0:
+        raise ValueError(f"a field in 'rad' needs echo_time > 0 (seconds), got {echo_time!r}")
+    return 1.0 / (2.0 * math.pi * hz_per_ppm * echo_time)
+
+
+def convert_field(
+    field: torch.Tensor | np.ndarray,
+    from_unit: str,
+    to_unit: str = "ppm",
+    *,
+    b0_tesla: float | None = None,
+    echo_time: float | None = None,
+) -> torch.Tensor | np.ndarray:
+    """Convert a field map between ppm, Hz and radians (phase accumulated at one echo).
+
+    1 ppm = γ̄·B0 Hz (γ̄ = 42.576 MHz/T: 127.7 Hz at 3 T); a phase of φ rad at echo time TE corresponds to
+    φ / (2π·TE) Hz.
+
+    Arguments:
+        field: field map, any shape.
+        from_unit, to_unit: one of ``"ppm"``, ``"hz"``, ``"rad"``.
+
+    Keywords:
+        b0_tesla: main field strength in T (needed for ``hz`` and ``rad``).
+        echo_time: echo time in seconds (needed for ``rad``).
+    """
+    factor = _ppm_per_unit(from_unit, b0_tesla, echo_time) / _ppm_per_unit(to_unit, b0_tesla, echo_time)
+    return field * factor
