@@ -70,7 +70,8 @@ class SyntheticPatchStream(IterableDataset):
     a mask (with probability ``mask_prob`` a random ellipsoid whose border crosses the patch, else the whole
     region; χ is zero outside it, as after background-field removal) and demeaned inside it, then Gaussian noise
     at a random SNR is added and random flips of each axis are applied to field and χ together (valid because D
-    is even in every k component).
+    is even in every k component when B0 lies along a voxel axis; with an oblique B0 only the axes that leave D
+    unchanged are flipped).
 
     Sample ``i`` of the stream depends only on ``(seed, i)``, so the stream is reproducible and independent of the
     batch size; several DataLoader workers or DDP ranks take disjoint samples.
@@ -104,7 +105,7 @@ class SyntheticPatchStream(IterableDataset):
         snr: Sequence[float] = (5.0, 100.0),
         mask_prob: float = 0.3,
         flip_prob: float = 0.5,
-        pad: float = 0.25,
+        pad: float = 0.5,
         batch_size: int = 2,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -124,6 +125,9 @@ class SyntheticPatchStream(IterableDataset):
         self.patch_size, self.margin, self.context = int(patch_size), int(margin), int(context)
         self.voxel_size = tuple(float(v) for v in voxel_size)
         self.b0_direction = tuple(float(v) for v in b0_direction)
+        # flipping axis i maps D(k; b) to D(k; b with b_i negated): valid iff that is the same kernel
+        b = self.b0_direction
+        self.flip_axes = [i for i in range(3) if b[i] == 0 or all(b[j] == 0 for j in range(3) if j != i)]
         self.snr = (float(snr[0]), float(snr[1]))
         self.mask_prob, self.flip_prob, self.pad = float(mask_prob), float(flip_prob), float(pad)
         self.batch_size, self.seed = int(batch_size), int(seed)
@@ -150,7 +154,7 @@ class SyntheticPatchStream(IterableDataset):
         log_snr = math.log(self.snr[0]) + torch.rand(1, generator=gen).item() * math.log(self.snr[1] / self.snr[0])
         noise = torch.randn(field.shape, generator=gen).to(self.device)
         field = (field + noise * (rms / math.exp(log_snr))) * mask
-        for axis in range(3):
+        for axis in self.flip_axes:
             if torch.rand(1, generator=gen).item() < self.flip_prob:
                 field, chi = field.flip(axis), chi.flip(axis)
         m = self.margin
@@ -268,7 +272,8 @@ def training_loader(
         transforms: MONAI transforms that load and patch-sample the user's items (see ``train.json``).
     """
     if datalist is None:
-        return DataLoader(synthetic, batch_size=None, num_workers=num_workers)
+        # the stream yields whole batches: no collation (MONAI's list collate expects a list of samples)
+        return torch.utils.data.DataLoader(synthetic, batch_size=None, num_workers=num_workers)
     if transforms is None:
         raise ValueError("a datalist needs the loading/patch-sampling transforms (train#user_transforms)")
     items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key="training")

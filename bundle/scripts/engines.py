@@ -17,9 +17,18 @@ from collections.abc import Mapping
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver
 from torch import nn
 
-__all__ = ["QSMLoss", "ResumeFromCheckpoint", "StreamPosition", "RunRecord", "lower_is_better", "latest_checkpoint"]
+__all__ = [
+    "QSMLoss",
+    "TrainingCheckpointSaver",
+    "ResumeFromCheckpoint",
+    "StreamPosition",
+    "RunRecord",
+    "lower_is_better",
+    "latest_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +70,42 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_*.pt") -> str | 
     return max(paths, key=os.path.getmtime) if paths else None
 
 
+class TrainingCheckpointSaver(CheckpointSaver):
+    """MONAI's :class:`~monai.handlers.CheckpointSaver` that also saves the engine it is attached to.
+
+    The engine's state (iteration, epoch) is stored under ``engine_key``, so that a config need not reference the
+    trainer from inside the trainer's own handler list (a circular reference).
+    """
+
+    def __init__(self, *args, engine_key: str = "trainer", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine_key = engine_key
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict.setdefault(self.engine_key, engine)
+        super().attach(engine)
+
+
 class ResumeFromCheckpoint:
     """Resume a run from the latest checkpoint in ``ckpt_dir`` when there is one (else start afresh).
 
-    Loads every object of ``load_dict`` (network, optimizer, scheduler, the trainer's iteration and epoch) on the
-    device at hand (``map_location``) with ``weights_only=True``. Attach it before :class:`StreamPosition`.
+    Loads every object of ``load_dict`` (network, optimizer, scheduler) plus the engine it is attached to (under
+    ``engine_key``: iteration and epoch) on the device at hand (``map_location``) with ``weights_only=True``.
+    Attach it before :class:`StreamPosition`.
     """
 
-    def __init__(self, ckpt_dir: str, load_dict: Mapping, map_location: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        ckpt_dir: str,
+        load_dict: Mapping,
+        map_location: str | torch.device = "cpu",
+        engine_key: str = "trainer",
+    ) -> None:
         self.ckpt_dir, self.load_dict, self.map_location = ckpt_dir, dict(load_dict), map_location
+        self.engine_key = engine_key
 
     def attach(self, engine: Engine) -> None:
+        self.load_dict.setdefault(self.engine_key, engine)
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:

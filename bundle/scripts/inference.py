@@ -251,7 +251,7 @@ class SavePreviewd(MapTransform):
         keys="pred",
         output_dir: str = "./outputs",
         output_postfix: str = "chi",
-        mask_key: str = "mask",
+        mask_key: str = "eval_mask",
         truth_key: str = "label",
         window: Sequence[float] = (-0.15, 0.25),
     ) -> None:
@@ -317,34 +317,37 @@ class CaseReport:
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def iteration(self, engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in outputs:
+            if item.get("label") is not None:
+                self.report(item)
+
+    def report(self, item: dict) -> None:
+        """Compare one case (``image``, ``label``, ``eval_mask``, ``pred``) with its truth, and TKD with it."""
         import logging
 
         from .baselines import tkd
         from .metrics import hfen, nrmse, xsim
         from .physics import b0_direction_from_affine
 
-        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in outputs:
-            if item.get("label") is None:
-                continue
-            field, truth, mask = (item[k].detach().cpu().float()[0] for k in ("image", "label", "mask"))
-            affine = item["image"].affine if hasattr(item["image"], "affine") else np.eye(4)
-            voxel, b0 = voxel_size_from_affine(affine), b0_direction_from_affine(affine)
-            chi_tkd = tkd(field, mask, voxel, tuple(b0), threshold=self.tkd_threshold)
-            record = {"case": output_stem(item["image"])}
-            for method, chi in (("network", item["pred"].detach().cpu().float()[0]), ("tkd", chi_tkd)):
-                record[method] = {
-                    "nrmse_percent": nrmse(chi, truth, mask),
-                    "xsim": xsim(chi, truth, mask),
-                    "hfen_percent": hfen(chi, truth, mask),
-                }
-            self.records.append(record)
-            net, ref = record["network"], record["tkd"]
-            logging.getLogger("CaseReport").info(
-                f"{record['case']}: network NRMSE {net['nrmse_percent']:.1f} %, XSIM {net['xsim']:.3f}, "
-                f"HFEN {net['hfen_percent']:.1f} % | TKD NRMSE {ref['nrmse_percent']:.1f} %, "
-                f"XSIM {ref['xsim']:.3f}, HFEN {ref['hfen_percent']:.1f} %"
-            )
+        field, truth, mask = (item[k].detach().cpu().float()[0] for k in ("image", "label", "eval_mask"))
+        affine = item["image"].affine if hasattr(item["image"], "affine") else np.eye(4)
+        voxel, b0 = voxel_size_from_affine(affine), b0_direction_from_affine(affine)
+        chi_tkd = tkd(field, mask, voxel, tuple(b0), threshold=self.tkd_threshold)
+        record = {"case": output_stem(item["image"])}
+        for method, chi in (("network", item["pred"].detach().cpu().float()[0]), ("tkd", chi_tkd)):
+            record[method] = {
+                "nrmse_percent": nrmse(chi, truth, mask),
+                "xsim": xsim(chi, truth, mask),
+                "hfen_percent": hfen(chi, truth, mask),
+            }
+        self.records.append(record)
+        net, ref = record["network"], record["tkd"]
+        logging.getLogger("CaseReport").info(
+            f"{record['case']}: network NRMSE {net['nrmse_percent']:.1f} %, XSIM {net['xsim']:.3f}, "
+            f"HFEN {net['hfen_percent']:.1f} % | TKD NRMSE {ref['nrmse_percent']:.1f} %, "
+            f"XSIM {ref['xsim']:.3f}, HFEN {ref['hfen_percent']:.1f} %"
+        )
 
     def completed(self, engine) -> None:
         if self.records:

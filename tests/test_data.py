@@ -1,0 +1,105 @@
+"""Synthetic data engine: shapes, the target is the centre of the simulated χ, physics of the field, determinism."""
+
+import pytest
+import torch
+
+from scripts.data import SimulatedVolumes, SyntheticPatchStream, simulate_case
+from scripts.phantoms import RandomSourcePhantom
+from scripts.physics import forward_field
+
+
+class CoordinatePhantom:
+    """χ that encodes each voxel's position, so any crop or flip of it can be identified exactly."""
+
+    def __call__(self, shape, voxel_size, generator=None, device=None):
+        x, y, z = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+        return (x * 1e4 + y * 1e2 + z).to(device)
+
+
+def first_sample(stream):
+    return stream.sample(0)
+
+
+def test_patch_shapes_and_values():
+    stream = SyntheticPatchStream(batch_size=2, seed=3)
+    batch = next(iter(stream))
+    assert batch["image"].shape == (2, 1, 64, 64, 64)
+    assert batch["label"].shape == (2, 1, 48, 48, 48)
+    for value in batch.values():
+        assert torch.isfinite(value).all()
+    assert batch["label"].abs().max() <= 1.5 + 0.06  # sources within ±1.5 ppm plus the smooth background
+    assert batch["image"].std() > 0
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_target_is_centre_of_simulated_chi(flip):
+    stream = SyntheticPatchStream(
+        phantoms=[CoordinatePhantom()], patch_size=32, margin=6, context=8, mask_prob=0.0, flip_prob=flip, snr=(1e9, 1e9)
+    )
+    sample = first_sample(stream)
+    full = CoordinatePhantom()((48, 48, 48), (1, 1, 1))
+    centre = full[8 + 6 : 8 + 32 - 6, 8 + 6 : 8 + 32 - 6, 8 + 6 : 8 + 32 - 6]
+    if flip:
+        centre = centre.flip(0).flip(1).flip(2)
+    assert sample["label"].shape == (1, 20, 20, 20)
+    assert torch.equal(sample["label"][0], centre)
+
+
+def test_field_patch_is_the_simulated_local_field():
+    phantom = RandomSourcePhantom(num_sources=(20, 20))
+    stream = SyntheticPatchStream(phantoms=[phantom], mask_prob=0.0, flip_prob=0.0, snr=(1e9, 1e9), seed=5)
+    sample = stream.sample(7)
+    # regenerate the same χ (the phantom is drawn first from the per-sample generator) and simulate independently
+    gen = torch.Generator().manual_seed(5 * 1_000_003 + 7)
+    torch.multinomial(torch.ones(1, dtype=torch.float64), 1, generator=gen)
+    chi = phantom((96, 96, 96), (1, 1, 1), generator=gen)
+    field = forward_field(chi, pad=1.0)[16:80, 16:80, 16:80]
+    field = field - field.mean()
+    assert torch.allclose(sample["label"][0], chi[24:72, 24:72, 24:72])
+    error = (sample["image"][0] - field).norm() / field.norm()
+    assert error < 0.01  # the stream's 50 % padding against 100 %: wrap-around well below the noise floor
+    unpadded = forward_field(chi, pad=0)[16:80, 16:80, 16:80]
+    unpadded = unpadded - unpadded.mean()
+    assert (unpadded - field).norm() / field.norm() > 0.01  # ... while no padding at all would fail this test
+
+
+def test_stream_is_deterministic_and_never_repeats():
+    a = next(iter(SyntheticPatchStream(batch_size=2, seed=11)))
+    b = next(iter(SyntheticPatchStream(batch_size=2, seed=11)))
+    c = next(iter(SyntheticPatchStream(batch_size=2, seed=12)))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert not torch.equal(a["label"], c["label"])
+    assert not torch.equal(a["label"][0], a["label"][1])
+    # sample i does not depend on the batch size, and resuming continues the stream
+    single = SyntheticPatchStream(batch_size=1, seed=11)
+    assert torch.equal(single.sample(1)["image"], a["image"][1])
+    single.start = 1
+    assert torch.equal(next(iter(single))["image"][0], a["image"][1])
+
+
+def test_oblique_b0_restricts_flips():
+    assert SyntheticPatchStream(b0_direction=(0, 0, 1)).flip_axes == [0, 1, 2]
+    assert SyntheticPatchStream(b0_direction=(0, 0.3, 0.9)).flip_axes == [0]
+
+
+def test_simulated_volume_physics_and_affine():
+    case = simulate_case(RandomSourcePhantom(), (40, 36, 30), (1.0, 1.0, 2.0), snr=None, seed=1)
+    mask = case["mask"].bool()
+    assert torch.all(case["chi"][~mask] == 0) and torch.all(case["field"][~mask] == 0)
+    expected = forward_field(case["chi"], (1.0, 1.0, 2.0), mask=mask)
+    assert torch.allclose(case["field"], expected, atol=1e-6)
+    assert torch.allclose(case["affine"].diagonal()[:3], torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+    volumes = SimulatedVolumes(num_cases=2, shape=(40, 36, 30), seed=3)
+    assert len(volumes) == 2
+    item = volumes[0]
+    assert item["image"].shape == (1, 40, 36, 30) and item["label"].shape == (1, 40, 36, 30)
+    assert not torch.equal(volumes[0]["label"], volumes[1]["label"])
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="weights"):
+        SyntheticPatchStream(phantoms=[RandomSourcePhantom()], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="margin"):
+        SyntheticPatchStream(patch_size=16, margin=8)
+    with pytest.raises(ValueError, match="snr"):
+        SyntheticPatchStream(snr=(0, 10))

@@ -1,0 +1,146 @@
+"""Physics: dipole kernel, forward field against the analytic sphere, B0 direction from affines, unit conversion."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.physics import b0_direction_from_affine, convert_field, dipole_kernel, forward_field
+
+
+def sphere_volume_fraction(shape, voxel, center_mm, radius_mm, supersample=4):
+    """Partial-volume sphere by supersampling each voxel (independent of the code under test)."""
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    axes = [np.arange(n)[:, None] + offsets[None, :] for n in shape]  # (n, s) voxel coordinates
+    coords = [(a * v - c) ** 2 for a, v, c in zip(axes, voxel, center_mm)]
+    r2 = coords[0][:, None, None, :, None, None] + coords[1][None, :, None, None, :, None]
+    r2 = r2 + coords[2][None, None, :, None, None, :]
+    return (r2 <= radius_mm**2).mean(axis=(3, 4, 5))
+
+
+@pytest.mark.parametrize(
+    "voxel, b0",
+    [((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)), ((0.8, 1.0, 1.25), (1.0, 0.0, 0.0)), ((1.0, 1.0, 1.0), (0.0, 0.6, 0.8))],
+)
+def test_sphere_matches_analytic_field(voxel, b0):
+    shape = (64, 64, 64)
+    dchi, radius = 0.4, 8.0  # ppm, mm
+    center = [n * v / 2 for n, v in zip(shape, voxel)]
+    chi = torch.from_numpy(sphere_volume_fraction(shape, voxel, center, radius)).float() * dchi
+    field = forward_field(chi, voxel, b0, pad=0.5).double().numpy()
+
+    grid = np.stack(np.meshgrid(*[(np.arange(n) + 0.0) * v for n, v in zip(shape, voxel)], indexing="ij"), -1)
+    rel = grid - np.array(center)
+    r = np.linalg.norm(rel, axis=-1)
+    bhat = np.array(b0) / np.linalg.norm(b0)
+    cos2 = np.divide((rel @ bhat) ** 2, r**2, out=np.zeros_like(r), where=r > 0)
+
+    inside = r < 0.6 * radius
+    offset = field[inside].mean()  # the k = 0 convention fixes only this constant
+    assert field[inside].std() < 0.01 * dchi, "the field inside a uniformly magnetised sphere must be uniform"
+    assert abs(offset) < 0.01 * dchi, "Lorentz-corrected kernel: inside field ~ 0 up to the k = 0 constant"
+
+    outside = (r > 1.5 * radius) & (r < 3.0 * radius)
+    analytic = dchi / 3 * (radius / r[outside]) ** 3 * (3 * cos2[outside] - 1)
+    error = np.abs(field[outside] - offset - analytic)
+    assert error.max() < 0.02 * dchi, f"max deviation {error.max():.2e} ppm from the analytic dipole field"
+    # the sign convention: along B0 the field of a paramagnetic sphere is positive
+    assert np.corrcoef(field[outside], analytic)[0, 1] > 0.99
+
+
+def test_kernel_basics():
+    d = dipole_kernel((16, 12, 10), (1.0, 1.0, 2.0), (0, 0, 5.0))
+    assert d.shape == (16, 12, 10)
+    assert d[0, 0, 0] == 0
+    assert float(d.max()) <= 1 / 3 + 1e-6 and float(d.min()) >= -2 / 3 - 1e-6
+    kz = torch.fft.fftfreq(10, d=2.0)
+    # along the k_z axis D = 1/3 - 1 = -2/3, along k_x D = 1/3
+    assert torch.allclose(d[0, 0, 1:], torch.full_like(kz[1:], -2 / 3))
+    assert torch.allclose(d[1:, 0, 0], torch.full((15,), 1 / 3))
+    half = dipole_kernel((16, 12, 10), (1.0, 1.0, 2.0), (0, 0, 1.0), rfft=True)
+    assert torch.allclose(half, d[..., :6])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_kernel_and_field_are_flip_symmetric(axis):
+    shape = (12, 10, 9)
+    index = (-torch.arange(shape[axis])) % shape[axis]  # k -> -k along one axis
+    d = dipole_kernel(shape, (1.0, 0.9, 1.3), (0.0, 0.0, 1.0))
+    assert torch.allclose(d.index_select(axis, index), d)
+    chi = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    f1 = forward_field(chi.flip(axis), (1.0, 0.9, 1.3), (0.0, 0.0, 1.0))
+    f2 = forward_field(chi, (1.0, 0.9, 1.3), (0.0, 0.0, 1.0)).flip(axis)
+    assert torch.allclose(f1, f2, atol=1e-6)
+    # with an oblique B0 a flip is only valid if b-hat flips with it (odd sizes: no unpaired Nyquist plane)
+    shape = (11, 9, 7)
+    index = (-torch.arange(shape[axis])) % shape[axis]
+    b = [0.2, 0.3, 0.9]
+    d_oblique = dipole_kernel(shape, (1.0, 0.9, 1.3), b)
+    b_flipped = [-v if i == axis else v for i, v in enumerate(b)]
+    assert not torch.allclose(d_oblique.index_select(axis, index), d_oblique)
+    assert torch.allclose(d_oblique.index_select(axis, index), dipole_kernel(shape, (1.0, 0.9, 1.3), b_flipped))
+
+
+def test_padding_prevents_wrap_around():
+    chi = torch.zeros(48, 48, 48)
+    chi[20:28, 20:28, 0:6] = 1.0  # a source against the bottom face
+    far = (slice(20, 28), slice(20, 28), slice(-4, None))  # voxels against the top face
+    wrapped = forward_field(chi, pad=0)[far].abs().mean()
+    padded = forward_field(chi, pad=1.0)[far].abs().mean()
+    reference = forward_field(chi, pad=2.0)[far].abs().mean()
+    assert wrapped > 5 * reference  # without padding the field wraps onto the opposite face
+    assert abs(padded - reference) < 0.2 * reference
+
+
+def test_forward_field_mask_demeans_and_batches():
+    gen = torch.Generator().manual_seed(0)
+    chi = torch.randn(2, 1, 16, 16, 16, generator=gen)
+    mask = torch.zeros(16, 16, 16, dtype=torch.bool)
+    mask[3:13, 2:14, 4:12] = True
+    field = forward_field(chi, mask=mask)
+    assert field.shape == chi.shape
+    assert torch.all(field[..., ~mask] == 0)
+    assert torch.allclose(field[..., mask].mean(-1), torch.zeros(2, 1), atol=1e-6)
+    single = forward_field(chi[1, 0], mask=mask)
+    assert torch.allclose(field[1, 0], single, atol=1e-6)
+
+
+def test_b0_direction_from_oblique_affine():
+    theta = math.radians(15.0)
+    rot = np.array([[1, 0, 0], [0, math.cos(theta), -math.sin(theta)], [0, math.sin(theta), math.cos(theta)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.5, 0.5, 2.0])
+    affine[:3, 3] = [10, -20, 30]
+    b = b0_direction_from_affine(affine)
+    assert np.allclose(b, [0.0, math.sin(theta), math.cos(theta)])
+    assert np.isclose(np.linalg.norm(b), 1.0)
+    # an axial LPS-like affine with a flipped z axis gives B0 along -k
+    assert np.allclose(b0_direction_from_affine(np.diag([-1.0, -1.0, -1.0, 1.0])), [0, 0, -1])
+    with pytest.raises(ValueError, match="4x4"):
+        b0_direction_from_affine(np.eye(2))
+
+
+def test_unit_conversions_round_trip_and_values():
+    field = torch.linspace(-0.1, 0.1, 11)
+    hz = convert_field(field, "ppm", "hz", b0_tesla=3.0)
+    assert torch.isclose(hz[-1], torch.tensor(0.1 * 42.576 * 3.0))  # 1 ppm = 127.7 Hz at 3 T
+    rad = convert_field(hz, "hz", "rad", b0_tesla=3.0, echo_time=0.02)
+    assert torch.isclose(rad[-1], hz[-1] * 2 * math.pi * 0.02)
+    back = convert_field(rad, "rad", "ppm", b0_tesla=3.0, echo_time=0.02)
+    assert torch.allclose(back, field, atol=1e-7)
+    with pytest.raises(ValueError, match="b0_tesla"):
+        convert_field(field, "hz", "ppm")
+    with pytest.raises(ValueError, match="echo_time"):
+        convert_field(field, "rad", "ppm", b0_tesla=7.0)
+    with pytest.raises(ValueError, match="one of"):
+        convert_field(field, "tesla", "ppm")
+
+
+def test_invalid_kernel_arguments():
+    with pytest.raises(ValueError, match="voxel_size"):
+        dipole_kernel((8, 8, 8), (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="b0_direction"):
+        dipole_kernel((8, 8, 8), b0_direction=(0, 0, 0))
+    with pytest.raises(ValueError, match="shape"):
+        dipole_kernel((8, 8))
