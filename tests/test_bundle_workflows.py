@@ -1,32 +1,13 @@
 """The bundle's workflows run end to end through ``python -m monai.bundle run`` (tiny settings, CPU)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from conftest import BUNDLE
+from conftest import TINY, bundle_run
 from scripts.networks import QSMGenerator, qsmgan_unet
-
-TINY = ["--features", "[4,4,8,8,8,4]"]
-
-
-def bundle_run(*args, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *args],
-        cwd=BUNDLE,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
 
 
 def test_training_smoke_and_resume(tmp_path):

@@ -1,7 +1,9 @@
-"""Training machinery around MONAI's Ignite engines: the supervised loss, resume, stream position, run records.
+"""Training machinery around MONAI's Ignite engines: losses, the WGAN-GP engine, resume, stream position, run records.
 
-The engines themselves are MONAI's (``SupervisedTrainer``, ``SupervisedEvaluator``) composed in
-``configs/train.json``; this module holds the few pieces they need that MONAI does not provide.
+Stage 1 uses MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator`` as composed in ``configs/train.json``.
+Stage 2 (``configs/train_gan.json``) uses :class:`WGANGPTrainer`, a MONAI ``Trainer`` whose iteration runs the
+critic and generator updates of WGAN-GP (MONAI's ``GanTrainer`` has no gradient penalty and an unconditional
+generator).
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from collections.abc import Mapping
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines import Trainer
 from monai.handlers import CheckpointSaver
+from monai.utils import CommonKeys as Keys
 from torch import nn
 
 __all__ = [
     "QSMLoss",
+    "gradient_penalty",
+    "WGANGPTrainer",
+    "gan_log_values",
     "TrainingCheckpointSaver",
     "ResumeFromCheckpoint",
     "StreamPosition",
@@ -59,6 +66,185 @@ class QSMLoss(nn.Module):
         return loss
 
 
+def gradient_penalty(
+    critic: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    condition: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WGAN-GP penalty E[(‖∇ₓ̂ D(x̂)‖₂ − 1)²] at per-sample random interpolates x̂ = ε·real + (1 − ε)·fake.
+
+    Arguments:
+        critic: maps (B, C, ...) to (B,) scores (called as ``critic(x̂)`` or ``critic(x̂, condition)``).
+        real, fake: (B, C, X, Y, Z) samples; ``fake`` is detached here.
+
+    Keywords:
+        condition: optional second critic input (not interpolated, no gradient taken).
+        generator: RNG for ε ~ U(0, 1), one per sample.
+
+    Returns:
+        (penalty, gradient norms of shape (B,)); the penalty keeps its graph (create_graph) so that it trains the
+        critic.
+
+    References:
+        Gulrajani I et al. Improved Training of Wasserstein GANs. NeurIPS 2017.
+    """
+    if real.shape != fake.shape:
+        raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} must have the same shape")
+    eps_shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+    eps = torch.rand(eps_shape, generator=generator, dtype=real.dtype).to(real.device)
+    mixed = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    scores = critic(mixed) if condition is None else critic(mixed, condition)
+    (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    norms = grad.flatten(1).norm(dim=1)
+    return (norms - 1).square().mean(), norms
+
+
+def _set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class WGANGPTrainer(Trainer):
+    """Ignite/MONAI engine for the WGAN-GP refinement stage of QSMGAN.
+
+    Per iteration: one generator forward pass χ̂ = G(field); ``n_critic`` critic updates on the batch's true χ
+    against χ̂ (detached), each minimising D(χ̂) − D(χ) + λ_GP·(‖∇D(x̂)‖₂ − 1)²; then one generator update
+    minimising ``l1_weight``·L1(χ̂, χ) + λ_adv·(−D(χ̂)) with the critic frozen. The generator's parameters do not
+    change during critic steps, so the same χ̂ (and its graph) serves both.
+
+    Arguments:
+        device, max_epochs, train_data_loader, epoch_length: as for MONAI's ``SupervisedTrainer``.
+        network: the generator (field ppm → χ ppm, with crop head).
+        critic: scores χ patches, e.g. :class:`~scripts.networks.QSMCritic`.
+        optimizer, critic_optimizer: generator and critic optimizers (Gulrajani et al.: Adam 1e-4, β = (0, 0.9)).
+
+    Keywords:
+        supervised_loss: the generator's data term (default :class:`QSMLoss`, L1).
+        n_critic: critic updates per generator update (5).
+        lambda_gp: gradient-penalty weight (10).
+        lambda_adv: adversarial weight of the generator loss (1e-3).
+        l1_weight: weight of the supervised term (1).
+        amp: bfloat16 autocast for the forward passes (GPU or CPU with AMX); the penalty is computed in float32.
+        seed: seed of the interpolation weights ε.
+        train_handlers: Ignite/MONAI handlers, as for ``SupervisedTrainer``.
+
+    ``engine.state.output`` holds ``image``, ``label``, ``pred`` and the scalars ``loss`` (generator total),
+    ``loss_l1``, ``loss_adv``, ``loss_critic``, ``wasserstein`` (D(χ) − D(χ̂) before the last critic step) and
+    ``gradient_penalty``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader,
+        network: nn.Module,
+        critic: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        critic_optimizer: torch.optim.Optimizer,
+        epoch_length: int | None = None,
+        supervised_loss: nn.Module | None = None,
+        n_critic: int = 5,
+        lambda_gp: float = 10.0,
+        lambda_adv: float = 1e-3,
+        l1_weight: float = 1.0,
+        amp: bool = False,
+        seed: int = 0,
+        train_handlers=None,
+        non_blocking: bool = False,
+    ) -> None:
+        if n_critic < 1:
+            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        if lambda_gp < 0 or lambda_adv < 0 or l1_weight < 0:
+            raise ValueError("lambda_gp, lambda_adv and l1_weight must be >= 0")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            handlers=train_handlers,
+            decollate=False,
+        )
+        self.network, self.critic = network, critic
+        self.optimizer, self.critic_optimizer = optimizer, critic_optimizer
+        self.supervised_loss = supervised_loss if supervised_loss is not None else QSMLoss()
+        self.n_critic, self.lambda_gp, self.lambda_adv = int(n_critic), float(lambda_gp), float(lambda_adv)
+        self.l1_weight, self.use_autocast = float(l1_weight), bool(amp)
+        self.eps_generator = torch.Generator().manual_seed(int(seed))
+
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
+
+    def _condition(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        if not getattr(self.critic, "conditional", False):
+            return None
+        m = getattr(self.network, "margin", 0)
+        return inputs[..., m:-m, m:-m, m:-m] if m else inputs
+
+    def _score(self, chi: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        return (self.critic(chi) if condition is None else self.critic(chi, condition)).float()
+
+    def critic_step(
+        self, real: torch.Tensor, fake: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """One critic update on true χ ``real`` against generated ``fake`` (detached); returns its scalars."""
+        _set_requires_grad(self.critic, True)
+        self.critic.train()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        fake = fake.detach()
+        with self._autocast(real.device):
+            wasserstein = self._score(real, condition).mean() - self._score(fake, condition).mean()
+        penalty, _ = gradient_penalty(self.critic, real, fake, condition, generator=self.eps_generator)
+        loss = -wasserstein + self.lambda_gp * penalty
+        loss.backward()
+        self.critic_optimizer.step()
+        return {"loss_critic": loss.item(), "wasserstein": wasserstein.item(), "gradient_penalty": penalty.item()}
+
+    def generator_step(
+        self, pred: torch.Tensor, target: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One generator update from a prediction that still carries its graph; the critic stays frozen."""
+        _set_requires_grad(self.critic, False)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            l1 = self.supervised_loss(pred, target)
+            with self._autocast(pred.device):
+                adversarial = -self._score(pred, condition).mean()
+            loss = self.l1_weight * l1 + self.lambda_adv * adversarial
+            loss.backward()
+            self.optimizer.step()
+        finally:
+            _set_requires_grad(self.critic, True)
+        return {"loss": loss.detach(), "loss_l1": l1.detach(), "loss_adv": adversarial.detach()}
+
+    def _iteration(self, engine, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        condition = self._condition(inputs)
+        self.network.train()
+        pred = self.network(inputs)  # G is unchanged by the critic steps: one forward pass serves all updates
+        for _ in range(self.n_critic):
+            critic_stats = self.critic_step(targets, pred, condition)
+        generator_stats = self.generator_step(pred, targets, condition)
+        return {
+            Keys.IMAGE: inputs,
+            Keys.LABEL: targets,
+            Keys.PRED: pred.detach(),
+            **generator_stats,
+            **{k: torch.tensor(v) for k, v in critic_stats.items()},
+        }
+
+
+def gan_log_values(output: dict) -> dict[str, float]:
+    """Scalars of a :class:`WGANGPTrainer` iteration for ``StatsHandler``/``TensorBoardStatsHandler``."""
+    keys = ("loss", "loss_l1", "loss_adv", "loss_critic", "wasserstein", "gradient_penalty")
+    return {k: float(output[k]) for k in keys if k in output}
+
+
 def lower_is_better(current: float, previous: float) -> bool:
     """Metric comparison for error metrics (NRMSE): a new best is a lower value."""
     return current < previous
@@ -87,10 +273,12 @@ class TrainingCheckpointSaver(CheckpointSaver):
 
 
 class ResumeFromCheckpoint:
-    """Resume a run from the latest checkpoint in ``ckpt_dir`` when there is one (else start afresh).
+    """Resume a run from the latest checkpoint in ``ckpt_dir``; else start from ``pretrained`` weights or afresh.
 
-    Loads every object of ``load_dict`` (network, optimizer, scheduler) plus the engine it is attached to (under
+    Loads every object of ``load_dict`` (network, optimizer, scheduler, …) plus the engine it is attached to (under
     ``engine_key``: iteration and epoch) on the device at hand (``map_location``) with ``weights_only=True``.
+    When there is nothing to resume and ``pretrained`` names a generator state dict (e.g. stage 1's
+    ``model.pt`` for the WGAN-GP stage), only ``load_dict[pretrained_key]`` is initialised from it.
     Attach it before :class:`StreamPosition`.
     """
 
@@ -100,9 +288,11 @@ class ResumeFromCheckpoint:
         load_dict: Mapping,
         map_location: str | torch.device = "cpu",
         engine_key: str = "trainer",
+        pretrained: str | None = None,
+        pretrained_key: str = "model",
     ) -> None:
         self.ckpt_dir, self.load_dict, self.map_location = ckpt_dir, dict(load_dict), map_location
-        self.engine_key = engine_key
+        self.engine_key, self.pretrained, self.pretrained_key = engine_key, pretrained, pretrained_key
 
     def attach(self, engine: Engine) -> None:
         self.load_dict.setdefault(self.engine_key, engine)
@@ -113,7 +303,17 @@ class ResumeFromCheckpoint:
 
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
-            logger.info(f"no checkpoint in {self.ckpt_dir}: starting a new run")
+            if self.pretrained:
+                if not os.path.isfile(self.pretrained):
+                    raise FileNotFoundError(
+                        f"pretrained weights {self.pretrained!r} do not exist: train stage 1 first "
+                        f"(configs/train.json) or pass --pretrained models/model.pt"
+                    )
+                state = torch.load(self.pretrained, map_location=self.map_location, weights_only=True)
+                self.load_dict[self.pretrained_key].load_state_dict(state)
+                logger.info(f"no checkpoint in {self.ckpt_dir}: starting from {self.pretrained}")
+            else:
+                logger.info(f"no checkpoint in {self.ckpt_dir}: starting a new run")
             return
         checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
         max_epochs = engine.state.max_epochs

@@ -1,4 +1,4 @@
-"""Networks: the QSMGAN generator (a 3D U-Net with a centre-crop head) in physical units.
+"""Networks: the QSMGAN generator (a 3D U-Net with a centre-crop head) and its WGAN-GP critic, in physical units.
 
 The backbone is MONAI's :class:`~monai.networks.nets.BasicUNet` (per level 2 × [Conv3d 3×3×3 → BatchNorm →
 LeakyReLU], four down-sampling levels); :class:`QSMGenerator` wraps it so that its input is a local field in
@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-__all__ = ["CenterCrop3d", "QSMGenerator", "count_parameters"]
+__all__ = ["CenterCrop3d", "QSMGenerator", "QSMCritic", "qsmgan_unet", "count_parameters"]
 
 
 class CenterCrop3d(nn.Module):
@@ -97,6 +97,63 @@ def qsmgan_unet(
         act=("LeakyReLU", {"negative_slope": negative_slope, "inplace": True}),
         norm=norm,
     )
+
+
+class QSMCritic(nn.Module):
+    """WGAN-GP critic: four strided 3D convolution blocks and a final convolution to one score per sample.
+
+    Each block is Conv3d(kernel 4, stride 2, padding 1) → [normalisation] → LeakyReLU(0.2), channels doubling per
+    block; a 48³ χ patch becomes 3³ features, and a last Conv3d over the remaining extent gives one scalar. There is
+    no BatchNorm: the gradient penalty is computed per sample, which batch statistics would couple.
+
+    Keywords:
+        channels: output channels of the first block (doubled in each of the four blocks).
+        norm: ``"none"`` (default), ``"instance"`` or ``"layer"`` (GroupNorm with one group).
+        conditional: also read the field's central crop as a second input channel.
+        patch_size: edge of the χ patches it scores (48); must be divisible by 16.
+        chi_scale, field_scale: the critic sees χ·chi_scale and field·field_scale (order-1 numbers).
+
+    Shapes:
+        chi (B, 1, P, P, P) ppm [, field (B, 1, P, P, P) ppm] → scores (B,).
+    """
+
+    def __init__(
+        self,
+        channels: int = 32,
+        norm: str = "none",
+        conditional: bool = False,
+        patch_size: int = 48,
+        chi_scale: float = 10.0,
+        field_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if norm not in ("none", "instance", "layer"):
+            raise ValueError(f"norm must be 'none', 'instance' or 'layer' (never batch), got {norm!r}")
+        if patch_size % 16 or patch_size < 16:
+            raise ValueError(f"patch_size must be a positive multiple of 16, got {patch_size}")
+        self.conditional = bool(conditional)
+        self.chi_scale, self.field_scale = float(chi_scale), float(field_scale)
+        layers: list[nn.Module] = []
+        c_in = 2 if self.conditional else 1
+        for i in range(4):
+            c_out = channels * 2**i
+            layers.append(nn.Conv3d(c_in, c_out, kernel_size=4, stride=2, padding=1))
+            if norm == "instance":
+                layers.append(nn.InstanceNorm3d(c_out, affine=True))
+            elif norm == "layer":
+                layers.append(nn.GroupNorm(1, c_out))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.score = nn.Conv3d(c_in, 1, kernel_size=patch_size // 16)
+
+    def forward(self, chi: torch.Tensor, field: torch.Tensor | None = None) -> torch.Tensor:
+        x = chi * self.chi_scale
+        if self.conditional:
+            if field is None:
+                raise ValueError("a conditional critic needs the field's central crop as second input")
+            x = torch.cat([x, field * self.field_scale], dim=1)
+        return self.score(self.features(x)).flatten(1).mean(1)
 
 
 def count_parameters(module: nn.Module) -> int:
