@@ -103,3 +103,17 @@ def test_invalid_arguments():
         SyntheticPatchStream(patch_size=16, margin=8)
     with pytest.raises(ValueError, match="snr"):
         SyntheticPatchStream(snr=(0, 10))
+
+
+def test_scanner_affine_encodes_b0_direction():
+    from scripts.data import scanner_affine
+    from scripts.physics import b0_direction_from_affine
+
+    for b0 in [(0.0, 0.0, 1.0), (0.0, 0.26, 0.97), (0.3, -0.2, 0.9), (0.0, 0.0, -1.0)]:
+        affine = scanner_affine((10, 12, 8), (0.8, 1.0, 2.0), b0)
+        expected = torch.tensor(b0, dtype=torch.float64) / torch.tensor(b0, dtype=torch.float64).norm()
+        assert torch.allclose(torch.from_numpy(b0_direction_from_affine(affine.numpy())), expected, atol=1e-9)
+        # voxel sizes are the column norms, and the grid centre sits at the world origin
+        assert torch.allclose(affine[:3, :3].norm(dim=0), torch.tensor([0.8, 1.0, 2.0], dtype=torch.float64))
+        centre = affine @ torch.tensor([4.5, 5.5, 3.5, 1.0], dtype=torch.float64)
+        assert torch.allclose(centre[:3], torch.zeros(3, dtype=torch.float64), atol=1e-9)

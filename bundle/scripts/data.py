@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .physics import demean_in_mask, forward_field
 
-__all__ = ["SyntheticPatchStream", "SimulatedVolumes", "simulate_case", "training_loader", "ellipsoid_mask", "validation_dataset"]
+__all__ = ["SyntheticPatchStream", "SimulatedVolumes", "simulate_case", "training_loader", "ellipsoid_mask", "validation_dataset", "scanner_affine"]
 
 Phantom = Callable[..., torch.Tensor]
 
@@ -181,6 +181,29 @@ class SyntheticPatchStream(IterableDataset):
             batch += 1
 
 
+def scanner_affine(
+    shape: Sequence[int], voxel_size: Sequence[float], b0_direction: Sequence[float] = (0.0, 0.0, 1.0)
+) -> torch.Tensor:
+    """Voxel→world affine (mm) of a grid centred on the origin whose B0 direction is ``b0_direction``.
+
+    The rotation is the smallest one taking the voxel-frame direction b̂ onto world (scanner) z, so that
+    :func:`scripts.physics.b0_direction_from_affine` gives b̂ back; for b̂ = (0, 0, 1) the affine is diagonal.
+    """
+    b = torch.tensor([float(v) for v in b0_direction], dtype=torch.float64)
+    b = b / b.norm()
+    z = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    v, c = torch.linalg.cross(b, z), float(b @ z)
+    if c < -1 + 1e-12:  # B0 along -k: a half turn about x
+        rot = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+    else:
+        vx = torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]], dtype=torch.float64)
+        rot = torch.eye(3, dtype=torch.float64) + vx + vx @ vx / (1 + c)
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, :3] = rot @ torch.diag(torch.tensor([float(x) for x in voxel_size], dtype=torch.float64))
+    affine[:3, 3] = -affine[:3, :3] @ ((torch.tensor([float(n) for n in shape], dtype=torch.float64) - 1) / 2)
+    return affine
+
+
 def simulate_case(
     phantom: Phantom,
     shape: Sequence[int],
@@ -189,22 +212,25 @@ def simulate_case(
     snr: float | None = 40.0,
     seed: int = 0,
     mask: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict:
     """Simulate one whole case: χ (ppm), its local field (ppm, noisy at ``snr``) and the mask.
 
-    χ is zero outside the mask (an ellipsoidal head unless ``mask`` or the phantom gives one); the field is
-    simulated with padding, demeaned inside the mask, and Gaussian noise with σ = RMS(field in mask) / snr is
+    χ is zero outside the mask (the phantom's brain mask, else ``mask``, else a random ellipsoidal head); the field
+    is simulated with padding, demeaned inside the mask, and Gaussian noise with σ = RMS(field in mask) / snr is
     added (``snr=None``: noiseless).
 
     Returns:
-        dict of float32 tensors ``field``, ``chi``, ``mask`` (X, Y, Z) and ``affine`` (4, 4), the affine of a
-        scanner-aligned grid with the given voxel size centred on the origin.
+        dict with float32 (X, Y, Z) tensors ``field``, ``chi``, ``mask``; ``affine`` (4, 4), a grid centred on the
+        origin whose B0 direction (world z) is ``b0_direction`` in voxel coordinates (see :func:`scanner_affine`);
+        and, when the phantom provides them, ``labels``, ``lesion_ids`` and ``lesions`` (lesion records).
     """
     gen = torch.Generator().manual_seed(int(seed))
     shape = tuple(int(s) for s in shape)
     out = phantom(shape, voxel_size, generator=gen)
+    extras = {}
     if isinstance(out, dict):
         chi, mask = out["chi"], out.get("mask", mask)
+        extras = {k: out[k] for k in ("labels", "lesion_ids", "lesions") if k in out}
     else:
         chi = out
     if mask is None:
@@ -215,10 +241,8 @@ def simulate_case(
     if snr is not None:
         rms = field[mask].square().mean().sqrt()
         field = (field + torch.randn(shape, generator=gen) * rms / float(snr)) * mask
-    affine = torch.eye(4, dtype=torch.float64)
-    affine[:3, :3] = torch.diag(torch.tensor([float(v) for v in voxel_size], dtype=torch.float64))
-    affine[:3, 3] = -0.5 * (torch.tensor(shape, dtype=torch.float64) - 1) * affine.diagonal()[:3]
-    return {"field": field, "chi": chi, "mask": mask.float(), "affine": affine}
+    affine = scanner_affine(shape, voxel_size, b0_direction)
+    return {"field": field, "chi": chi, "mask": mask.float(), "affine": affine, **extras}
 
 
 class SimulatedVolumes(Dataset):

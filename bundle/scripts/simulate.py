@@ -1,0 +1,111 @@
+"""Simulated-dataset workflow: write seeded cases to disk as NIfTI plus a MONAI datalist with splits.
+
+Each case is simulated by :func:`scripts.data.simulate_case` and written as ``{set}_{index:03d}_field.nii.gz``
+(local field, ppm), ``_chi`` (χ, ppm), ``_mask`` and, when the phantom has them, ``_labels`` and ``_lesions``
+(lesion instance ids), all with the same affine (voxel size, and the B0 direction as world z), plus a JSON of the
+lesion records. ``datalist.json`` lists the cases under ``training``, ``validation`` and ``testing``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from .data import simulate_case
+
+__all__ = ["SimulationSet", "write_dataset"]
+
+
+class SimulationSet:
+    """One kind of case to simulate: a phantom, how many cases, their noise and how they are split.
+
+    Keywords:
+        phantom: a phantom callable (see :mod:`scripts.phantoms`).
+        num_cases: number of cases.
+        snr: field RMS inside the mask over the noise σ (None: noiseless).
+        splits: fractions of the cases for ``training``, ``validation``, ``testing`` (in that order; the cases
+            are assigned in order, so a set meant for testing alone uses ``(0, 0, 1)``).
+    """
+
+    def __init__(self, phantom, num_cases: int, snr: float | None = 40.0, splits: Sequence[float] = (0.7, 0.15, 0.15)):
+        if num_cases < 0:
+            raise ValueError(f"num_cases must be >= 0, got {num_cases}")
+        if len(splits) != 3 or min(splits) < 0 or sum(splits) <= 0:
+            raise ValueError(f"splits must be 3 non-negative fractions (training, validation, testing), got {splits}")
+        self.phantom, self.num_cases, self.snr = phantom, int(num_cases), snr
+        total = float(sum(splits))
+        self.splits = [float(x) / total for x in splits]
+
+    def split_of(self, index: int) -> str:
+        """The datalist section of case ``index``."""
+        bounds = np.cumsum(self.splits) * self.num_cases
+        for name, bound in zip(("training", "validation", "testing"), bounds):
+            if index < round(bound):
+                return name
+        return "testing"
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    tmp = path + ".part.nii.gz"
+    nib.save(nib.Nifti1Image(array, affine), tmp)
+    os.replace(tmp, path)
+
+
+def write_dataset(
+    output_dir: str,
+    sets: Mapping[str, SimulationSet],
+    shape: Sequence[int] = (160, 192, 160),
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+    seed: int = 1000,
+    overwrite: bool = False,
+) -> str:
+    """Simulate every set and write the cases and ``datalist.json`` into ``output_dir``.
+
+    Case ``i`` of the ``k``-th set uses seed ``seed + 10000·k + i``, so a dataset is reproducible and sets never
+    share a seed. Returns the datalist path; the simulation settings are saved beside it (``simulation.json``).
+    """
+    listing = os.path.join(output_dir, "datalist.json")
+    if os.path.exists(listing) and not overwrite:
+        raise FileExistsError(f"{listing} exists; choose another output_dir or pass --overwrite true")
+    os.makedirs(output_dir, exist_ok=True)
+    datalist: dict[str, list] = {"training": [], "validation": [], "testing": []}
+    jobs = [(name, k, i) for k, (name, s) in enumerate(sets.items()) for i in range(s.num_cases)]
+    for name, k, i in tqdm(jobs, desc="simulating", unit="case"):
+        spec = sets[name]
+        case = simulate_case(spec.phantom, shape, voxel_size, b0_direction, spec.snr, seed + 10000 * k + i)
+        affine = case["affine"].numpy()
+        stem = f"{name}_{i:03d}"
+        item = {"set": name, "seed": seed + 10000 * k + i}
+        volumes = {"image": ("field", case["field"]), "label": ("chi", case["chi"]), "mask": ("mask", case["mask"])}
+        if "labels" in case:
+            volumes["labels"] = ("labels", case["labels"])
+        if "lesion_ids" in case:
+            volumes["lesion_ids"] = ("lesions", case["lesion_ids"])
+        for key, (suffix, volume) in volumes.items():
+            array = np.asarray(volume.cpu() if hasattr(volume, "cpu") else volume)
+            array = array.astype(np.float32) if key in ("image", "label") else array.astype(np.int16)
+            _save(array, affine, os.path.join(output_dir, f"{stem}_{suffix}.nii.gz"))
+            item[key] = f"{stem}_{suffix}.nii.gz"
+        if case.get("lesions"):
+            with open(os.path.join(output_dir, f"{stem}_lesions.json"), "w") as f:
+                json.dump(case["lesions"], f, indent=1, default=float)
+            item["lesion_records"] = f"{stem}_lesions.json"
+        datalist[spec.split_of(i)].append(item)
+    settings = {
+        "shape": list(shape),
+        "voxel_size": list(voxel_size),
+        "b0_direction": list(b0_direction),
+        "seed": seed,
+        "sets": {n: {"num_cases": s.num_cases, "snr": s.snr, "splits": s.splits} for n, s in sets.items()},
+    }
+    with open(os.path.join(output_dir, "simulation.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    with open(listing, "w") as f:
+        json.dump(datalist, f, indent=2)
+    return listing
