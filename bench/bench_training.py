@@ -1,0 +1,102 @@
+"""Benchmark training throughput of both stages from the bundle's own configs, and the data-generation share.
+
+Builds the trainers of ``configs/train.json`` (stage 1) and ``configs/train.json`` + ``configs/train_gan.json``
+(stage 2) with the given overrides, drops validation and checkpointing, runs a few iterations and reports, from
+Ignite's batch and iteration events, iterations/s and the share of each step spent fetching data (the synthetic
+engine simulates on the training device inside the DataLoader).
+
+Usage (from the repository root)::
+
+    python bench/bench_training.py [--iterations 10] [--autocast true|false] [--stages 1 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+import torch
+import time
+
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "bundle"
+sys.path.insert(0, str(BUNDLE))
+
+KEEP = ("scripts.engines.StreamPosition", "LrScheduleHandler")
+
+
+def build_trainer(configs, overrides):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
+    parser.update(overrides)
+    parser["train#handlers"] = [h for h in parser["train#handlers"] if h["_target_"] in KEEP]
+    return parser.get_parsed_content("train#trainer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--autocast", default="true")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n_critic", type=int, default=5)
+    parser.add_argument("--override", default="{}", help='extra config overrides as JSON, e.g. \'{"features": [4,4,8,8,8,4]}\'')
+    args = parser.parse_args()
+    os.chdir(BUNDLE)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in args.stages:
+            configs = ["train.json"] if stage == 1 else ["train.json", "train_gan.json"]
+            overrides = {
+                "output_dir": tmp,
+                "epochs": 1,
+                "iterations_per_epoch": args.warmup + args.iterations,
+                "autocast": json.loads(args.autocast),
+                "batch_size": args.batch_size,
+                "device": f"$torch.device('{args.device}')",
+                "num_val_cases": 1,
+                "val_shape": [32, 32, 32],
+            }
+            overrides.update(json.loads(args.override))
+            if stage == 2:
+                overrides.update({"pretrained": None, "n_critic": args.n_critic})
+            trainer = build_trainer(configs, overrides)
+            times = {"data": [], "step": []}
+            marks = {}
+            trainer.add_event_handler(Events.GET_BATCH_STARTED, lambda e: marks.update(data=time.perf_counter()))
+            trainer.add_event_handler(
+                Events.GET_BATCH_COMPLETED, lambda e: times["data"].append(time.perf_counter() - marks["data"])
+            )
+            trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: marks.update(step=time.perf_counter()))
+            trainer.add_event_handler(
+                Events.ITERATION_COMPLETED, lambda e: times["step"].append(time.perf_counter() - marks["step"])
+            )
+            trainer.run()
+            data_t = sum(times["data"][args.warmup :]) / args.iterations
+            step_t = sum(times["step"][args.warmup :]) / args.iterations
+            share = data_t / (data_t + step_t)
+            results[f"stage{stage}"] = {
+                "iterations_per_s": 1.0 / (data_t + step_t),
+                "seconds_per_iteration": data_t + step_t,
+                "data_seconds": data_t,
+                "step_seconds": step_t,
+                "data_share": share,
+            }
+            print(
+                f"stage {stage}: {1.0 / (data_t + step_t):.3f} it/s ({data_t + step_t:.2f} s/it: data {data_t:.3f} s, "
+                f"step {step_t:.2f} s, data share {100 * share:.1f} %), batch {args.batch_size}, "
+                f"autocast {args.autocast}, device {args.device}, threads {torch.get_num_threads()}"
+            )
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
