@@ -60,7 +60,9 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[200, 200, 200])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--checkpoint", default=str(pathlib.Path(__file__).resolve().parents[1] / "bundle/models/model.pt"))
+    parser.add_argument(
+        "--checkpoint", default=str(pathlib.Path(__file__).resolve().parents[1] / "bundle/models/model.pt")
+    )
     parser.add_argument("--sw_batch_size", type=int, default=4)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -73,8 +75,10 @@ def main() -> None:
     case = brain_case(tuple(args.shape))
     field = case["field"][None, None].to(device)
     mask = case["mask"][None, None].to(device)
-    print(f"device {device}, threads {torch.get_num_threads()}, volume {tuple(args.shape)}, "
-          f"mask fraction {float(mask.mean()):.2f}")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, volume {tuple(args.shape)}, "
+        f"mask fraction {float(mask.mean()):.2f}"
+    )
 
     t_ref, ref = timed(lambda: naive(field, net).detach(), 1, sync)
     ref = ref * mask
@@ -98,8 +102,10 @@ def main() -> None:
         seconds, out = timed(run, args.repeats, sync)
         diff = (out - ref).abs().max().item()
         rel = ((out - ref).norm() / ref.norm()).item()
-        print(f"{name}: {seconds:.2f} s, speed-up x{t_ref / seconds:.2f}, max |Δχ| {diff:.2e} ppm, "
-              f"relative L2 {rel:.2e}")
+        print(
+            f"{name}: {seconds:.2f} s, speed-up x{t_ref / seconds:.2f}, max |Δχ| {diff:.2e} ppm, "
+            f"relative L2 {rel:.2e}"
+        )
         net.to(memory_format=torch.contiguous_format)
 
 

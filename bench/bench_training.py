@@ -18,10 +18,9 @@ import os
 import pathlib
 import sys
 import tempfile
-
-import torch
 import time
 
+import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -48,7 +47,9 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n_critic", type=int, default=5)
-    parser.add_argument("--override", default="{}", help='extra config overrides as JSON, e.g. \'{"features": [4,4,8,8,8,4]}\'')
+    parser.add_argument(
+        "--override", default="{}", help="extra config overrides as JSON, e.g. '{\"features\": [4,4,8,8,8,4]}'"
+    )
     args = parser.parse_args()
     os.chdir(BUNDLE)
     results = {}

@@ -5,8 +5,8 @@ import json
 import nibabel as nib
 import numpy as np
 import torch
-
 from conftest import TINY, bundle_run
+
 from scripts.networks import QSMGenerator, qsmgan_unet
 
 

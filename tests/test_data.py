@@ -34,7 +34,13 @@ def test_patch_shapes_and_values():
 @pytest.mark.parametrize("flip", [0.0, 1.0])
 def test_target_is_centre_of_simulated_chi(flip):
     stream = SyntheticPatchStream(
-        phantoms=[CoordinatePhantom()], patch_size=32, margin=6, context=8, mask_prob=0.0, flip_prob=flip, snr=(1e9, 1e9)
+        phantoms=[CoordinatePhantom()],
+        patch_size=32,
+        margin=6,
+        context=8,
+        mask_prob=0.0,
+        flip_prob=flip,
+        snr=(1e9, 1e9),
     )
     sample = first_sample(stream)
     full = CoordinatePhantom()((48, 48, 48), (1, 1, 1))

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import TINY, bundle_run
 from torch import nn
 
 from scripts.engines import QSMLoss, ResumeFromCheckpoint, WGANGPTrainer, gradient_penalty
 from scripts.networks import QSMCritic, QSMGenerator, qsmgan_unet
-from conftest import TINY, bundle_run
 
 
 class LinearCritic(nn.Module):
@@ -89,7 +89,9 @@ def test_critic_rejects_batch_norm_and_needs_condition():
         QSMCritic(norm="batch")
     with pytest.raises(ValueError, match="conditional"):
         QSMCritic(conditional=True, patch_size=16)(torch.zeros(1, 1, 16, 16, 16))
-    assert QSMCritic(conditional=True, patch_size=16)(torch.zeros(2, 1, 16, 16, 16), torch.zeros(2, 1, 16, 16, 16)).shape == (2,)
+    assert QSMCritic(conditional=True, patch_size=16)(
+        torch.zeros(2, 1, 16, 16, 16), torch.zeros(2, 1, 16, 16, 16)
+    ).shape == (2,)
 
 
 def test_missing_pretrained_weights_are_reported(tmp_path):

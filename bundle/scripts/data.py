@@ -21,7 +21,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .physics import demean_in_mask, forward_field
 
-__all__ = ["SyntheticPatchStream", "SimulatedVolumes", "simulate_case", "training_loader", "ellipsoid_mask", "validation_dataset", "scanner_affine"]
+__all__ = [
+    "SyntheticPatchStream",
+    "SimulatedVolumes",
+    "simulate_case",
+    "training_loader",
+    "ellipsoid_mask",
+    "validation_dataset",
+    "scanner_affine",
+]
 
 Phantom = Callable[..., torch.Tensor]
 
@@ -313,9 +321,7 @@ def training_loader(
     )
 
 
-def validation_dataset(
-    simulated: Dataset, datalist: str | None = None, transforms: Compose | None = None
-) -> Dataset:
+def validation_dataset(simulated: Dataset, datalist: str | None = None, transforms: Compose | None = None) -> Dataset:
     """Whole volumes for validation: the simulated set, or the ``validation`` items of a user datalist."""
     if datalist is None:
         return simulated

@@ -377,7 +377,6 @@ class RunRecord:
 
     def __call__(self, engine: Engine | None = None) -> None:
         import monai
-
         from monai.bundle import ConfigParser
 
         os.makedirs(self.output_dir, exist_ok=True)

@@ -59,7 +59,9 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
     base = os.path.dirname(os.path.abspath(datalist))
     for item, original in zip(items, raw[section]):
         if "label" not in item:
-            raise ValueError(f"evaluation needs the true χ ('label') for every case; {original!r} in {datalist} has none")
+            raise ValueError(
+                f"evaluation needs the true χ ('label') for every case; {original!r} in {datalist} has none"
+            )
         for key in ("labels", "lesion_ids"):
             if isinstance(original, dict) and key in original:
                 item[key] = os.path.join(base, original[key])
