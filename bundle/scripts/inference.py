@@ -21,6 +21,8 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
+from .io import atomic_output
+
 __all__ = [
     "CropSlidingWindowInferer",
     "inference_datalist",
@@ -30,17 +32,22 @@ __all__ = [
     "CaseReport",
     "preview_image",
     "output_stem",
+    "file_stem",
 ]
 
 
-def output_stem(image) -> str:
-    """File stem of the input a MetaTensor was read from (``sub-01_field.nii.gz`` → ``sub-01_field``)."""
-    name = str(getattr(image, "meta", {}).get("filename_or_obj", "case"))
-    base = os.path.basename(name)
+def file_stem(path: str) -> str:
+    """File name without folder and image extension (``/data/sub-01_field.nii.gz`` → ``sub-01_field``)."""
+    base = os.path.basename(str(path))
     for ext in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha", ".gz"):
         if base.endswith(ext):
             return base[: -len(ext)]
     return base
+
+
+def output_stem(image) -> str:
+    """File stem of the input a MetaTensor was read from (``sub-01_field.nii.gz`` → ``sub-01_field``)."""
+    return file_stem(str(getattr(image, "meta", {}).get("filename_or_obj", "case")))
 
 
 class CropSlidingWindowInferer(Inferer):
@@ -239,11 +246,16 @@ def preview_image(volumes: Sequence[np.ndarray], window: tuple[float, float] = (
     return Image.fromarray((canvas * 255).astype(np.uint8), mode="L")
 
 
+def _centre(profile: np.ndarray) -> int:
+    return int(round(float(np.average(np.arange(len(profile)), weights=profile))))
+
+
 class SavePreviewd(MapTransform):
     """Write a PNG preview (axial, coronal, sagittal slices) of ``keys`` beside the NIfTI output.
 
     The file is ``{output_dir}/{input name}_chi.png``; with ``truth_key`` present, the true χ is a second row.
-    Slices pass through the centre of mass of the mask when ``mask_key`` is present.
+    Slices pass through the centre of mass of the mask when ``mask_key`` is present. It is written under a temporary
+    name and renamed; an existing file is replaced only with ``overwrite``.
     """
 
     def __init__(
@@ -254,11 +266,15 @@ class SavePreviewd(MapTransform):
         mask_key: str = "eval_mask",
         truth_key: str = "label",
         window: Sequence[float] = (-0.15, 0.25),
+        overwrite: bool = True,
     ) -> None:
+        from .io import as_bool
+
         super().__init__(keys, allow_missing_keys=True)
         self.output_dir, self.postfix = output_dir, output_postfix
         self.mask_key, self.truth_key = mask_key, truth_key
         self.window = (float(window[0]), float(window[1]))
+        self.overwrite = as_bool(overwrite, "overwrite")
 
     def __call__(self, data):
         d = dict(data)
@@ -270,11 +286,11 @@ class SavePreviewd(MapTransform):
             center = None
             if self.mask_key in d:
                 m = np.asarray(d[self.mask_key].detach().cpu())[0] > 0
-                if m.any():
-                    center = [int(round(c.mean())) for c in np.nonzero(m)]
+                if m.any():  # centre of mass from the three projections (no index arrays of the whole mask)
+                    center = [_centre(m.sum(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
             path = os.path.join(self.output_dir, f"{output_stem(d[key])}_{self.postfix}.png")
-            os.makedirs(self.output_dir, exist_ok=True)
-            preview_image(rows, self.window, center).save(path)
+            with atomic_output(path, self.overwrite) as tmp:
+                preview_image(rows, self.window, center).save(tmp)
         return d
 
 
@@ -289,7 +305,8 @@ class DefaultMaskd(MapTransform):
         d = dict(data)
         if d.get(self.mask_key) is None:
             key = self.first_key(d)
-            d[self.mask_key] = (torch.as_tensor(d[key]) != 0).float()
+            field = torch.as_tensor(d[key])
+            d[self.mask_key] = ((field != 0) & torch.isfinite(field)).float()
         return d
 
 

@@ -89,13 +89,23 @@ def dipole_kernel(
             axes.append(torch.fft.rfftfreq(n, d=d, device=device, dtype=torch.float64))
         else:
             axes.append(torch.fft.fftfreq(n, d=d, device=device, dtype=torch.float64))
-    kx, ky, kz = torch.meshgrid(*axes, indexing="ij")
-    k2 = kx * kx + ky * ky + kz * kz
-    kb = kx * b[0] + ky * b[1] + kz * b[2]
-    k2[0, 0, 0] = 1.0  # avoid 0/0; D(0) is set below
-    d = 1.0 / 3.0 - kb * kb / k2
-    d[0, 0, 0] = 0.0
-    return d.to(dtype)
+    kx = axes[0][:, None, None]
+    ky, kz = axes[1][None, :, None], axes[2][None, None, :]
+    out = torch.empty((len(axes[0]), len(axes[1]), len(axes[2])), device=device, dtype=dtype)
+    # float64 arithmetic in slabs of ~4M voxels, so a whole-head padded grid (e.g. 768×768×512) never needs
+    # full-size float64 temporaries; element by element this is the same computation as on the whole grid
+    step = max(1, (1 << 22) // max(1, out.shape[1] * out.shape[2]))
+    for start in range(0, out.shape[0], step):
+        sx = kx[start : start + step]
+        k2 = sx * sx + ky * ky + kz * kz
+        kb = sx * b[0] + ky * b[1] + kz * b[2]
+        if start == 0:
+            k2[0, 0, 0] = 1.0  # avoid 0/0; D(0) is set below
+        d = 1.0 / 3.0 - kb * kb / k2
+        if start == 0:
+            d[0, 0, 0] = 0.0
+        out[start : start + step] = d
+    return out
 
 
 def _pad_amounts(shape: Sequence[int], pad: float | Sequence[int]) -> list[int]:

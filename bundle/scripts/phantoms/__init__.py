@@ -4,6 +4,8 @@ Every phantom is a callable ``phantom(shape, voxel_size, generator) -> torch.Ten
 drawing all randomness from the given ``torch.Generator`` so that a seed fixes the result.
 """
 
+from .brain import BrainPatchPhantom, BrainPhantom
 from .random_sources import RandomSourcePhantom
 
 __all__ = ["RandomSourcePhantom"]
+__all__ += ["BrainPhantom", "BrainPatchPhantom"]

@@ -1,0 +1,303 @@
+"""QSM metrics: agreement with the QSM-CI scorer, independent formulas, edge cases and the Ignite metric."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from scipy.ndimage import gaussian_filter
+
+from scripts import metrics as M
+
+# QSM-CI key -> our compute_all key
+QSMCI_KEYS = {
+    "nrmse": "nrmse",
+    "nrmse_detrend": "nrmse_detrended",
+    "hfen": "hfen",
+    "xsim": "xsim",
+    "correlation": "pearson",
+    "dgm_linearity": "dgm_linearity",
+    "calc_moment_dev": "calcification_moment",
+    "calc_streak": "calcification_streaking",
+    "nrmse_tissue": "nrmse_tissue",
+    "nrmse_blood": "nrmse_blood",
+    "nrmse_dgm": "nrmse_dgm",
+}
+
+
+def random_case(shape=(20, 22, 24), seed=0):
+    rng = np.random.default_rng(seed)
+    truth = rng.standard_normal(shape) * 0.05
+    pred = 0.7 * truth + rng.standard_normal(shape) * 0.03 + 0.01
+    mask = np.zeros(shape)
+    mask[2:-3, 3:-2, 1:-4] = 1
+    mask[5:8, 6:9, 5:8] = 0  # a hole
+    labels = rng.integers(0, 12, shape)
+    calc = tuple(slice(n // 2 - 1, n // 2 + 2) for n in shape)  # 3³ voxels
+    labels[calc] = 16
+    truth[calc] = -0.35 + rng.standard_normal((3, 3, 3)) * 0.02
+    pred[calc] = -0.25
+    return pred, truth, mask, labels
+
+
+def smooth_phantom(n=32, seed=1):
+    """Ellipsoidal 'brain' with DGM-like blobs, a vein, a calcification and a microbleed (ppm)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.arange(n) - (n - 1) / 2,) * 3, indexing="ij")
+    mask = (x / 13) ** 2 + (y / 14) ** 2 + (z / 12) ** 2 <= 1
+    labels = np.where(mask, 8, 0)
+    truth = np.where(mask, -0.03, 0.0) + gaussian_filter(rng.standard_normal((n,) * 3), 2.0) * 0.02 * mask
+    centres = [(-6, 3, 0), (6, 3, 0), (-4, -3, 2), (4, -3, 2), (0, -8, -4), (0, 6, -5)]
+    values = [0.044, 0.131, 0.038, 0.100, 0.152, 0.111]
+    for label, (c, v) in enumerate(zip(centres, values), start=1):
+        sel = mask & ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= 4.0)
+        labels[sel], truth[sel] = label, v
+    vein = mask & (np.abs(x) <= 0.5) & (np.abs(z - 6) <= 1.0)
+    labels[vein], truth[vein] = 11, 0.3
+    calc = (x + 7) ** 2 + (y - 9) ** 2 + (z + 1) ** 2 <= 2.5
+    labels[calc], truth[calc] = 16, -0.4
+    bleed = (x - 8) ** 2 + (y + 8) ** 2 + (z - 1) ** 2 <= 1.5
+    labels[bleed], truth[bleed] = 17, 0.6
+    pred = gaussian_filter(truth, 0.8) * 0.85 + rng.standard_normal((n,) * 3) * 0.01 + 0.02
+    return pred, truth, mask.astype(np.float64), labels
+
+
+def qsmci_scores(pred, truth, mask, labels):
+    qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
+    scores, _ = qsm_eval.score_arrays(
+        np.array(pred, np.float64), np.array(truth, np.float64), np.array(mask, np.float64), seg=labels
+    )
+    return scores
+
+
+@pytest.mark.parametrize("case", ["random", "random_float32_tensors", "smooth", "smooth_nan_voxel"])
+def test_agrees_with_qsm_ci(case):
+    pred, truth, mask, labels = random_case() if case.startswith("random") else smooth_phantom()
+    if case.endswith("float32_tensors"):
+        pred, truth = (torch.as_tensor(v, dtype=torch.float32) for v in (pred, truth))
+        pred, truth, mask = pred[None], truth[None], torch.as_tensor(mask)[None]  # channel-first
+    if case.endswith("nan_voxel"):
+        pred = pred.copy()
+        pred[16, 16, 16], pred[15, 16, 16] = np.nan, np.inf  # QSM-CI scores a non-finite voxel as 0
+    ref = qsmci_scores(
+        *(np.asarray(v, np.float64).reshape(np.shape(labels)) for v in (pred, truth, mask)), labels=labels
+    )
+    ours = M.compute_all(pred, truth, mask, labels=labels)
+    for qkey, key in QSMCI_KEYS.items():
+        assert math.isfinite(ref[qkey]), (qkey, ref[qkey])
+        assert ours[key] == pytest.approx(ref[qkey], abs=1e-6, rel=1e-9), key
+    # the standalone functions give the same numbers
+    assert M.nrmse(pred, truth, mask) == ours["nrmse"]
+    assert M.nrmse_detrended(pred, truth, mask) == ours["nrmse_detrended"]
+    assert M.hfen(pred, truth, mask) == ours["hfen"]
+    assert M.xsim(pred, truth, mask) == ours["xsim"]
+    assert M.pearson(pred, truth, mask) == ours["pearson"]
+    assert M.dgm_linearity(pred, truth, labels, mask=mask) == ours["dgm_linearity"]
+    assert M.calcification_moment(pred, truth, labels, mask) == ours["calcification_moment"]
+    assert M.calcification_streaking(pred, truth, labels, mask) == ours["calcification_streaking"]
+
+
+def test_qsm_ci_without_segmentation():
+    pred, truth, mask, _ = smooth_phantom(24)
+    ref = qsmci_scores(pred, truth, mask, labels=None)
+    ours = M.compute_all(torch.as_tensor(pred), torch.as_tensor(truth), torch.as_tensor(mask) > 0)
+    for qkey in ("nrmse", "nrmse_detrend", "hfen", "correlation", "xsim"):
+        assert ours[QSMCI_KEYS[qkey]] == pytest.approx(ref[qkey], abs=1e-6, rel=1e-9)
+    assert "dgm_linearity" not in ours and "lesion_total_chi_error" not in ours
+
+
+def test_nrmse_family_against_numpy_formulas():
+    pred, truth, mask, _ = random_case(seed=3)
+    m = mask > 0
+    r, t = pred[m], truth[m]
+    rd, td = r - r.mean(), t - t.mean()
+    assert M.nrmse(pred, truth, mask) == pytest.approx(100 * np.linalg.norm(rd - td) / np.linalg.norm(td), rel=1e-12)
+    assert M.nrmse_2016(pred, truth, mask) == pytest.approx(100 * np.linalg.norm(r - t) / np.linalg.norm(t), rel=1e-12)
+    slope, intercept = np.polyfit(td, rd, 1)
+    detrended = 100 * np.linalg.norm((rd - intercept) / slope - td) / np.linalg.norm(td)
+    assert M.nrmse_detrended(pred, truth, mask) == pytest.approx(detrended, rel=1e-9)
+    assert M.pearson(pred, truth, mask) == pytest.approx(np.corrcoef(r, t)[0, 1], rel=1e-12)
+    rmse = np.sqrt(np.mean((rd - td) ** 2))
+    assert M.psnr(pred, truth, mask) == pytest.approx(20 * np.log10((t.max() - t.min()) / rmse), rel=1e-12)
+    # values outside the mask do not matter; an offset does not change the demeaned NRMSE
+    noisy_outside = np.where(m, pred, 5.0)
+    assert M.nrmse(noisy_outside, truth, mask) == M.nrmse(pred, truth, mask)
+    assert M.nrmse(pred + 0.3, truth, mask) == pytest.approx(M.nrmse(pred, truth, mask), rel=1e-9)
+    # an affine distortion of the truth is undone by detrending
+    assert M.nrmse_detrended(2 * truth - 0.1, truth, mask) == pytest.approx(0, abs=1e-9)
+
+
+def brute_force_ssim(a, b, m, k1, k2, dynamic_range, w=5):
+    """SSIM map averaged over m, window = the in-volume part of the w³ cube around each voxel."""
+    a, b = np.where(m, a, 0.0), np.where(m, b, 0.0)
+    c1, c2, h = (k1 * dynamic_range) ** 2, (k2 * dynamic_range) ** 2, w // 2
+    values = []
+    for i, j, k in zip(*np.nonzero(m)):
+        sl = tuple(slice(max(p - h, 0), p + h + 1) for p in (i, j, k))
+        x, y = a[sl].ravel(), b[sl].ravel()
+        mx, my = x.mean(), y.mean()
+        vx, vy, cxy = x.var(), y.var(), np.mean((x - mx) * (y - my))
+        values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_xsim_and_ssim_against_brute_force():
+    pred, truth, mask, _ = random_case(shape=(8, 9, 7), seed=4)
+    mask = np.ones_like(mask)
+    mask[0, 0, 0] = 0
+    m = mask > 0
+    assert M.xsim(pred, truth, mask) == pytest.approx(brute_force_ssim(pred, truth, m, 0.01, 0.001, 1.0), rel=1e-9)
+    span = truth[m].max() - truth[m].min()
+    assert M.ssim(pred, truth, mask) == pytest.approx(brute_force_ssim(pred, truth, m, 0.01, 0.03, span), rel=1e-9)
+
+
+def test_identical_inputs_are_perfect():
+    _, truth, mask, _ = smooth_phantom(24)
+    truth_t = torch.as_tensor(truth, dtype=torch.float32)
+    assert M.hfen(truth_t, truth_t, mask) == 0.0
+    assert M.xsim(truth_t, truth_t, mask) == pytest.approx(1.0, abs=1e-12)
+    assert M.ssim(truth_t, truth_t, mask) == pytest.approx(1.0, abs=1e-12)
+    assert M.nrmse(truth_t, truth_t, mask) == 0.0 and M.nrmse_detrended(truth_t, truth_t, mask) == 0.0
+    assert M.pearson(truth_t, truth_t, mask) == pytest.approx(1.0, abs=1e-12)
+    assert M.psnr(truth_t, truth_t, mask) == math.inf
+
+
+def test_metrics_degrade_monotonically_with_noise():
+    _, truth, mask, _ = smooth_phantom(24)
+    noise = np.random.default_rng(5).standard_normal(truth.shape)
+    levels = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
+    scores = [M.compute_all(truth + s * noise, truth, mask) for s in levels]
+    for key in ("hfen", "nrmse"):
+        values = [s[key] for s in scores]
+        assert all(a < b for a, b in zip(values, values[1:])), (key, values)
+    for key in ("xsim", "ssim", "psnr", "pearson"):
+        values = [s[key] for s in scores]
+        assert all(a > b for a, b in zip(values, values[1:])), (key, values)
+
+
+def test_lesion_total_susceptibility_by_hand():
+    shape = (10, 10, 10)
+    truth, pred, instances = np.zeros(shape), np.zeros(shape), np.zeros(shape, np.int16)
+    instances[1:3, 1:3, 1:3] = 1  # 8 voxels
+    truth[1:3, 1:3, 1:3], pred[1:3, 1:3, 1:3] = 0.5, 0.25
+    instances[6, 6, 5:8] = 2  # 3 voxels
+    truth[6, 6, 5:8] = [-0.2, -0.3, -0.4]
+    pred[6, 6, 5:8] = [-0.3, -0.3, -0.3]
+    voxel = (0.5, 1.0, 3.0)  # 1.5 mm³
+    mask = np.ones(shape)
+    lesions = M.lesion_total_susceptibility(pred, truth, instances, voxel_volume_mm3=1.5)
+    assert [x["lesion"] for x in lesions] == [1, 2] and [x["voxels"] for x in lesions] == [8, 3]
+    assert lesions[0]["truth_total_ppm_mm3"] == pytest.approx(8 * 0.5 * 1.5)
+    assert lesions[0]["pred_total_ppm_mm3"] == pytest.approx(8 * 0.25 * 1.5)
+    assert lesions[0]["relative_error"] == pytest.approx(-0.5)
+    assert lesions[0]["volume_mm3"] == pytest.approx(12.0)
+    assert lesions[1]["truth_total_ppm_mm3"] == pytest.approx(-0.9 * 1.5)
+    assert lesions[1]["pred_total_ppm_mm3"] == pytest.approx(-0.9 * 1.5)
+    assert lesions[1]["relative_error"] == pytest.approx(0.0, abs=1e-12)
+    # a tissue label map: both lesions carry label 17, separated by connected components
+    tissue = np.where(instances > 0, 17, 8)
+    by_label = M.lesion_total_susceptibility(pred, truth, tissue, 1.5, label_ids=(16, 17))
+    assert [x["voxels"] for x in by_label] == [8, 3] and [x["label"] for x in by_label] == [17, 17]
+    assert [x["relative_error"] for x in by_label] == pytest.approx([-0.5, 0.0], abs=1e-12)
+    merged = M.lesion_total_susceptibility(pred, truth, tissue, 1.5, label_ids=(17,), connected_components=False)
+    assert len(merged) == 1 and merged[0]["truth_total_ppm_mm3"] == pytest.approx((4.0 - 0.9) * 1.5)
+    out = M.compute_all(pred, truth, mask, lesion_ids=instances, voxel_size=voxel)
+    assert out["lesion_count"] == 2 and out["lesion_total_chi_error"] == pytest.approx(25.0)
+    out = M.compute_all(pred, truth, mask, labels=tissue, voxel_size=voxel)
+    assert out["lesion_count"] == 2 and out["lesion_total_chi_error"] == pytest.approx(25.0)
+    assert M.lesion_total_susceptibility(pred, truth, np.zeros(shape), 1.0) == []
+    # grown by one voxel: the first lesion's 4³ neighbourhood, where a smeared reconstruction is counted too
+    smeared = pred.copy()
+    smeared[0, 1:3, 1:3] = 0.1  # 4 voxels just outside lesion 1
+    grown = M.lesion_total_susceptibility(smeared, truth, instances, 1.0, dilation_voxels=1)
+    assert grown[0]["voxels"] == 64 and grown[0]["volume_mm3"] == 64.0  # the box [0, 4)³
+    assert grown[0]["pred_total_ppm_mm3"] == pytest.approx(8 * 0.25 + 4 * 0.1)
+    assert grown[0]["truth_total_ppm_mm3"] == pytest.approx(8 * 0.5)
+
+
+def test_bad_inputs_raise():
+    pred, truth, mask, labels = random_case(shape=(8, 8, 8))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.nrmse(pred[:-1], truth, mask)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.compute_all(pred, truth, mask, labels=labels[:, :, :-1])
+    with pytest.raises(ValueError, match="empty mask"):
+        M.xsim(pred, truth, np.zeros_like(mask))
+    with pytest.raises(ValueError, match="3-D"):
+        M.hfen(pred[0], truth[0], mask[0])
+    with pytest.raises(ValueError, match="3-D"):
+        M.hfen(np.stack([pred, pred]), np.stack([truth, truth]), np.stack([mask, mask]))
+    bad = truth.copy()
+    bad[4, 4, 4] = np.nan
+    with pytest.raises(ValueError, match="truth has non-finite"):
+        M.nrmse(pred, bad, np.ones_like(mask))
+    with pytest.raises(ValueError, match="voxel_volume"):
+        M.lesion_total_susceptibility(pred, truth, labels, voxel_volume_mm3=0)
+    with pytest.raises(ValueError, match="unknown QSM metric"):
+        M.QSMMetric("dice")
+    with pytest.raises(ValueError, match="unknown metric"):
+        M.higher_is_better("dice")
+
+
+def test_higher_is_better():
+    assert not M.higher_is_better("nrmse") and not M.higher_is_better("hfen")
+    assert not M.higher_is_better("lesion_total_chi_error") and not M.higher_is_better("dgm_linearity")
+    assert M.higher_is_better("xsim") and M.higher_is_better("ssim") and M.higher_is_better("psnr")
+    pred, truth, mask, labels = random_case(shape=(12, 12, 12))
+    for key in M.compute_all(pred, truth, mask, labels=labels):
+        if key != "lesion_count":
+            M.higher_is_better(key)  # every score has a direction
+
+
+def _cases(n, shape=(12, 12, 12)):
+    out = []
+    for seed in range(n):
+        pred, truth, mask, _ = random_case(shape, seed=10 + seed)
+        volumes = zip(("pred", "label", "mask"), (pred, truth, mask))
+        out.append({k: torch.as_tensor(v, dtype=torch.float32)[None] for k, v in volumes})
+    return out
+
+
+@pytest.mark.parametrize("name", ["nrmse", "xsim", "hfen", "psnr", "ssim"])
+def test_ignite_metric_is_mean_of_case_values(name):
+    batches = [_cases(2), _cases(3)[1:]]  # two iterations of decollated outputs (lists of per-case dicts)
+    engine = Engine(lambda e, batch: batch)
+    metric = M.QSMMetric(name)
+    metric.attach(engine, f"val_{name}")
+    state = engine.run(batches, max_epochs=1)
+    cases = [c for b in batches for c in b]
+    expected = np.mean([getattr(M, name)(c["pred"], c["label"], c["mask"]) for c in cases])
+    assert state.metrics[f"val_{name}"] == pytest.approx(expected, rel=1e-12)
+    # batched (B, 1, X, Y, Z) tensors work too, and reset() starts over
+    metric.reset()
+    metric.update(tuple(torch.stack([c[k] for c in cases]) for k in ("pred", "label", "mask")))
+    assert metric.compute() == pytest.approx(expected, rel=1e-12)
+    metric.reset()
+    with pytest.raises(Exception, match="at least one case"):
+        metric.compute()
+
+
+def test_ignite_metric_in_supervised_evaluator():
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import from_engine
+    from monai.transforms import Compose, CopyItemsd
+
+    cases = _cases(3)
+    data = [{"image": c["pred"], "label": c["label"], "mask": c["mask"]} for c in cases]
+    inputs = from_engine(["pred", "label", "eval_mask"])
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(data, batch_size=2),
+        network=torch.nn.Identity(),
+        postprocessing=Compose([CopyItemsd(keys="mask", names="eval_mask")]),
+        key_val_metric={"val_nrmse": M.QSMMetric("nrmse", output_transform=inputs)},
+        additional_metrics={"val_xsim": M.QSMMetric("xsim", output_transform=inputs)},
+        metric_cmp_fn=lambda current, previous: current < previous,
+    )
+    evaluator.run()
+    for key, fn in (("val_nrmse", M.nrmse), ("val_xsim", M.xsim)):
+        expected = np.mean([fn(c["pred"], c["label"], c["mask"]) for c in cases])
+        assert evaluator.state.metrics[key] == pytest.approx(expected, rel=1e-12)
+    assert evaluator.state.best_metric == pytest.approx(evaluator.state.metrics["val_nrmse"])
