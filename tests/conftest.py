@@ -9,7 +9,7 @@ BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
 #: Override that makes the generator tiny for smoke runs.
-TINY = ["--features", "[4,4,8,8,8,4]"]
+TINY = ["--features", "[4,4,8,8,8,4]", "--brain_pool_size", "1"]
 
 
 def bundle_run(*args, timeout=600, expect_ok=True):

@@ -123,3 +123,28 @@ def test_scanner_affine_encodes_b0_direction():
         assert torch.allclose(affine[:3, :3].norm(dim=0), torch.tensor([0.8, 1.0, 2.0], dtype=torch.float64))
         centre = affine @ torch.tensor([4.5, 5.5, 3.5, 1.0], dtype=torch.float64)
         assert torch.allclose(centre[:3], torch.zeros(3, dtype=torch.float64), atol=1e-9)
+
+
+class HalfSpacePhantom:
+    """Uniform χ = 0.1 ppm with its own mask: the half space x < 40 of the simulated region."""
+
+    def __call__(self, shape, voxel_size, generator=None, device=None):
+        mask = torch.zeros(shape, dtype=torch.bool)
+        mask[:40] = True
+        return {"chi": torch.full(shape, 0.1), "mask": mask}
+
+
+def test_phantom_mask_masks_field_and_target():
+    # a phantom with a mask (brains): χ is cut to the mask before the forward model, the field is zero outside the
+    # mask and demeaned inside it, exactly as a local field from a brain-masked background removal
+    stream = SyntheticPatchStream(
+        phantoms=[HalfSpacePhantom()], patch_size=32, margin=6, context=8, mask_prob=0.0, flip_prob=0.0, snr=(1e6, 1e6)
+    )
+    s = stream.sample(0)
+    field, chi = s["image"][0], s["label"][0]
+    inside = torch.zeros(32, 32, 32, dtype=torch.bool)
+    inside[: 40 - 8] = True
+    assert torch.all(field[~inside] == 0) and field[inside].abs().max() > 1e-3
+    assert abs(float(field[inside].mean())) < 1e-6
+    target_inside = inside[6:26, 6:26, 6:26]
+    assert torch.allclose(chi[~target_inside], torch.tensor(0.0)) and torch.allclose(chi[target_inside], torch.tensor(0.1))

@@ -281,3 +281,11 @@ def test_patch_phantom_in_synthetic_stream():
     assert sample["image"].shape == (1, 24, 24, 24) and sample["label"].shape == (1, 16, 16, 16)
     assert torch.isfinite(sample["image"]).all()
     assert torch.equal(sample["label"], stream.sample(0)["label"])
+
+
+def test_patch_phantom_returns_its_brain_mask():
+    plain = BrainPatchPhantom(pool_size=1)((40, 40, 40), VOX_2MM, gen(3))
+    masked = BrainPatchPhantom(pool_size=1, return_mask=True)((40, 40, 40), VOX_2MM, gen(3))
+    assert torch.equal(masked["chi"], plain)  # same crop, same brain
+    assert masked["mask"].dtype == torch.bool and masked["mask"].any()
+    assert torch.all(masked["chi"][~masked["mask"]] == 0)

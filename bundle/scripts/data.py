@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ __all__ = [
     "scanner_affine",
 ]
 
-Phantom = Callable[..., torch.Tensor]
+#: ``phantom(shape, voxel_size, generator=, device=)`` → χ (ppm), or ``{"chi": χ, "mask": mask}``
+Phantom = Callable[..., torch.Tensor | Mapping[str, torch.Tensor]]
 
 #: A large odd multiplier that separates the random streams of different seeds and ranks.
 _STREAM_STRIDE = 1_000_003
@@ -85,7 +86,9 @@ class SyntheticPatchStream(IterableDataset):
     batch size; several DataLoader workers or DDP ranks take disjoint samples.
 
     Keywords:
-        phantoms: phantom generators (see :mod:`scripts.phantoms`); default one :class:`RandomSourcePhantom`.
+        phantoms: phantom generators (see :mod:`scripts.phantoms`); default one :class:`RandomSourcePhantom`. A
+            phantom may return ``{"chi": χ, "mask": mask}``: the field is then that of χ inside its mask, zero
+            outside and demeaned inside, as a brain's local field is.
         weights: relative frequency of each phantom.
         patch_size: input patch edge in voxels (64 in QSMGAN).
         margin: crop margin; the target is the central ``patch_size − 2·margin`` cube (48³ for margin 8).
@@ -148,11 +151,13 @@ class SyntheticPatchStream(IterableDataset):
         size = self.patch_size + 2 * self.context
         shape = (size, size, size)
         phantom = self.phantoms[int(torch.multinomial(self.weights, 1, generator=gen))]
-        chi = phantom(shape, self.voxel_size, generator=gen, device=self.device).float()
+        chi = phantom(shape, self.voxel_size, generator=gen, device=self.device)
+        mask = torch.ones(shape, dtype=torch.bool, device=self.device)
+        if isinstance(chi, Mapping):  # a phantom with its own mask (e.g. a brain): the field is masked by it
+            chi, mask = chi["chi"], chi["mask"].to(device=self.device, dtype=torch.bool)
+        chi = chi.float()
         if torch.rand(1, generator=gen).item() < self.mask_prob:
-            mask = self._patch_mask(shape, gen).to(self.device)
-        else:
-            mask = torch.ones(shape, dtype=torch.bool, device=self.device)
+            mask = mask & self._patch_mask(shape, gen).to(self.device)
         chi = chi * mask
         field = forward_field(chi, self.voxel_size, self.b0_direction, mask=mask, pad=self.pad)
         c, p = self.context, self.patch_size

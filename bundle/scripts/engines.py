@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.handlers import CheckpointSaver
@@ -260,16 +261,28 @@ class TrainingCheckpointSaver(CheckpointSaver):
     """MONAI's :class:`~monai.handlers.CheckpointSaver` that also saves the engine it is attached to.
 
     The engine's state (iteration, epoch) is stored under ``engine_key``, so that a config need not reference the
-    trainer from inside the trainer's own handler list (a circular reference).
+    trainer from inside the trainer's own handler list (a circular reference). ``n_saved`` also holds across
+    resumed runs: after each interval save, older ``checkpoint_*.pt`` files left by an earlier run are removed.
     """
 
-    def __init__(self, *args, engine_key: str = "trainer", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.engine_key = engine_key
+    def __init__(self, *args, engine_key: str = "trainer", n_saved: int | None = None, **kwargs) -> None:
+        super().__init__(*args, n_saved=n_saved, **kwargs)
+        self.engine_key, self.n_saved = engine_key, n_saved
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault(self.engine_key, engine)
         super().attach(engine)
+        if self.n_saved is not None and self.save_interval > 0:
+            event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
+            engine.add_event_handler(event(every=self.save_interval), self.prune)
+
+    def prune(self, engine: Engine | None = None) -> None:
+        """Keep the ``n_saved`` newest interval checkpoints in ``save_dir`` (rank 0 writes, so rank 0 prunes)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        paths = sorted(glob.glob(os.path.join(self.save_dir, "checkpoint_*.pt")), key=os.path.getmtime)
+        for path in paths[: max(0, len(paths) - int(self.n_saved))]:
+            os.remove(path)
 
 
 class ResumeFromCheckpoint:

@@ -143,36 +143,37 @@ class CropSlidingWindowInferer(Inferer):
         return tuple(slice(s + offset, s + offset + size) for s in start)
 
 
-def write_demo_case(output_dir: str, seed: int = 2024, shape: Sequence[int] = (112, 112, 96)) -> dict[str, str]:
+def write_demo_case(output_dir: str, seed: int = 2024, shape: Sequence[int] = (160, 192, 160)) -> dict[str, str]:
     """Simulate the built-in demo case and write it as NIfTI into ``output_dir/demo_input``.
 
-    Writes ``field.nii.gz`` (local field, ppm), ``mask.nii.gz`` and ``chi_truth.nii.gz`` (χ, ppm) and returns a
-    datalist item ``{"image", "mask", "label"}`` of their paths.
+    The demo is a 1 mm brain phantom (:class:`scripts.phantoms.BrainPhantom`, B0 along the third axis) with four
+    cerebral microbleeds, a lesion type never inserted during training; its field carries noise at SNR 40.
+
+    Writes ``field.nii.gz`` (local field, ppm), ``mask.nii.gz``, ``chi_truth.nii.gz`` (χ, ppm), ``labels.nii.gz``
+    (tissue labels) and ``lesion_ids.nii.gz`` (one id per microbleed) and returns a datalist item
+    ``{"image", "mask", "label"}`` of the first three.
     """
     import nibabel as nib
 
     from .data import simulate_case
-    from .phantoms import RandomSourcePhantom
+    from .phantoms import BrainPhantom
 
-    phantom = _demo_phantom() or RandomSourcePhantom()
-    case = simulate_case(phantom, shape, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), snr=40.0, seed=seed)
+    case = simulate_case(
+        BrainPhantom(lesions={"microbleed": 4}), shape, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), snr=40.0, seed=seed
+    )
     folder = os.path.join(output_dir, "demo_input")
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    for key, name in (("image", "field"), ("mask", "mask"), ("label", "chi_truth")):
-        data = case[{"image": "field", "mask": "mask", "label": "chi"}[key]].numpy().astype(np.float32)
-        paths[key] = os.path.join(folder, f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(data, case["affine"].numpy()), paths[key])
+    names = {"image": "field", "mask": "mask", "label": "chi_truth", "labels": "labels", "lesion_ids": "lesion_ids"}
+    sources = {"image": "field", "mask": "mask", "label": "chi", "labels": "labels", "lesion_ids": "lesion_ids"}
+    for key, name in names.items():
+        volume = case[sources[key]].numpy()
+        volume = volume.astype(np.int16 if key in ("labels", "lesion_ids") else np.float32)
+        path = os.path.join(folder, f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(volume, case["affine"].numpy()), path)
+        if key in ("image", "mask", "label"):
+            paths[key] = path
     return paths
-
-
-def _demo_phantom():
-    """The brain phantom with a few microbleeds, once it is available."""
-    try:
-        from .phantoms import brain  # noqa: F401
-    except ImportError:
-        return None
-    return None
 
 
 def inference_datalist(

@@ -1177,6 +1177,10 @@ class BrainPatchPhantom(BrainPhantom):
     :class:`BrainPhantom` (for example ``lesions=True`` puts lesions in every pool brain, hence the same lesions in
     all patches of that brain); a per-call ``lesions=`` is only honoured with ``pool_size=None``. Crops are not
     flipped or rotated here (the stream flips field and χ together).
+
+    With ``return_mask=True`` a call returns ``{"chi": χ, "mask": brain mask}`` (both cropped the same way), so that
+    :class:`scripts.data.SyntheticPatchStream` simulates the field of the brain only and masks it as a real local
+    field is masked (zero outside the brain, demeaned inside).
     """
 
     def __init__(
@@ -1187,10 +1191,12 @@ class BrainPatchPhantom(BrainPhantom):
         seed: int = 0,
         brain_shape: Sequence[int] | None = None,
         centre_margin_mm: float = 12.0,
+        return_mask: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.centre_margin_mm = float(centre_margin_mm)
+        self.return_mask = bool(return_mask)
         if pool_size is not None and pool_size < 1:
             raise ValueError(f"pool_size must be >= 1 or None, got {pool_size}")
         self.pool_size, self.cache_size, self.seed = pool_size, max(1, int(cache_size)), int(seed)
@@ -1245,7 +1251,7 @@ class BrainPatchPhantom(BrainPhantom):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         lesions: Any = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         shape = tuple(int(s) for s in shape)
         voxel = tuple(float(v) for v in voxel_size)
@@ -1254,13 +1260,14 @@ class BrainPatchPhantom(BrainPhantom):
             out = BrainPhantom.__call__(
                 self, self._brain_grid(voxel), voxel, torch.Generator().manual_seed(seed), lesions=lesions
             )
-            chi, centres = out["chi"], self._centres(out["mask"], voxel)
+            chi, mask, centres = out["chi"], out["mask"], self._centres(out["mask"], voxel)
         else:
-            chi, _mask, centres = self.brain(int(torch.randint(self.pool_size, (), generator=gen)), voxel)
+            chi, mask, centres = self.brain(int(torch.randint(self.pool_size, (), generator=gen)), voxel)
         flat = int(centres[int(torch.randint(len(centres), (), generator=gen))])
         bshape = chi.shape
         centre = [(flat // (bshape[1] * bshape[2])) % bshape[0], (flat // bshape[2]) % bshape[1], flat % bshape[2]]
         out = torch.zeros(shape, dtype=torch.float32)
+        out_mask = torch.zeros(shape, dtype=torch.bool)
         src, dst = [], []
         for c, n, b in zip(centre, shape, bshape):
             start = c - n // 2
@@ -1268,4 +1275,7 @@ class BrainPatchPhantom(BrainPhantom):
             src.append(slice(s0, s1))
             dst.append(slice(s0 - start, s1 - start))
         out[tuple(dst)] = chi[tuple(src)]
-        return out.to(device) if device is not None else out
+        out_mask[tuple(dst)] = mask[tuple(src)]
+        if device is not None:
+            out, out_mask = out.to(device), out_mask.to(device)
+        return {"chi": out, "mask": out_mask} if self.return_mask else out
