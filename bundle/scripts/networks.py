@@ -31,7 +31,7 @@ class CenterCrop3d(nn.Module):
         if m == 0:
             return x
         if min(x.shape[-3:]) <= 2 * m:
-            raise ValueError(f"input spatial shape {tuple(x.shape[-3:])} is too small for a crop margin of {m}")
+            raise ValueError(f"input spatial shape {list(x.shape[-3:])} is too small for a crop margin of {m}")
         return x[..., m:-m, m:-m, m:-m]
 
     def extra_repr(self) -> str:
@@ -79,10 +79,17 @@ class QSMGenerator(nn.Module):
 
     def forward(self, field: torch.Tensor) -> torch.Tensor:
         if field.ndim != 5 or field.shape[1] != 1:
-            raise ValueError(f"expected a (B, 1, X, Y, Z) field, got shape {tuple(field.shape)}")
-        with torch.autocast(field.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            raise ValueError(f"expected a (B, 1, X, Y, Z) field, got shape {list(field.shape)}")
+        if self.autocast and not torch.jit.is_scripting():
+            out = self._backbone_bf16(field * self.field_scale)
+        else:  # TorchScript (ckpt_export) always runs in float32
             out = self.backbone(field * self.field_scale)
         return self.crop(out.float()) / self.chi_scale
+
+    @torch.jit.unused
+    def _backbone_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.backbone(x)
 
 
 def qsmgan_unet(
