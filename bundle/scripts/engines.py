@@ -15,7 +15,7 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,8 @@ __all__ = [
     "RunRecord",
     "lower_is_better",
     "latest_checkpoint",
+    "unwrap",
+    "SyncBuffers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,13 @@ def gradient_penalty(
     (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
     norms = grad.flatten(1).norm(dim=1)
     return (norms - 1).square().mean(), norms
+
+
+def unwrap(module):
+    """The network inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else ``module`` itself)."""
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return module.module
+    return module
 
 
 def _set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -180,13 +189,16 @@ class WGANGPTrainer(Trainer):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
 
     def _condition(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        if not getattr(self.critic, "conditional", False):
+        if not getattr(unwrap(self.critic), "conditional", False):
             return None
-        m = getattr(self.network, "margin", 0)
+        m = getattr(unwrap(self.network), "margin", 0)
         return inputs[..., m:-m, m:-m, m:-m] if m else inputs
 
-    def _score(self, chi: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
-        return (self.critic(chi) if condition is None else self.critic(chi, condition)).float()
+    def _score(
+        self, chi: torch.Tensor, condition: torch.Tensor | None, critic: nn.Module | None = None
+    ) -> torch.Tensor:
+        critic = self.critic if critic is None else critic
+        return (critic(chi) if condition is None else critic(chi, condition)).float()
 
     def critic_step(
         self, real: torch.Tensor, fake: torch.Tensor, condition: torch.Tensor | None = None
@@ -213,7 +225,8 @@ class WGANGPTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)
             l1 = self.supervised_loss(pred, target)
             with self._autocast(pred.device):
-                adversarial = -self._score(pred, condition).mean()
+                # the frozen critic, unwrapped: under DistributedDataParallel its parameters get no gradient here
+                adversarial = -self._score(pred, condition, unwrap(self.critic)).mean()
             loss = self.l1_weight * l1 + self.lambda_adv * adversarial
             loss.backward()
             self.optimizer.step()
@@ -323,7 +336,7 @@ class ResumeFromCheckpoint:
                         f"(configs/train.json) or pass --pretrained models/model.pt"
                     )
                 state = torch.load(self.pretrained, map_location=self.map_location, weights_only=True)
-                self.load_dict[self.pretrained_key].load_state_dict(state)
+                unwrap(self.load_dict[self.pretrained_key]).load_state_dict(state)
                 logger.info(f"no checkpoint in {self.ckpt_dir}: starting from {self.pretrained}")
             else:
                 logger.info(f"no checkpoint in {self.ckpt_dir}: starting a new run")
@@ -350,6 +363,31 @@ class StreamPosition:
     def __call__(self, engine: Engine) -> None:
         if hasattr(self.stream, "start"):
             self.stream.start = engine.state.iteration * self.stream.batch_size
+
+
+class SyncBuffers:
+    """Average the floating-point buffers of ``networks`` over the ranks of a distributed run after each iteration.
+
+    ``DistributedDataParallel`` averages gradients, so the parameters stay identical on every rank, but each rank's
+    BatchNorm layers update their running statistics from its own batch. Averaging them after every iteration
+    (the running statistics of the ranks' mean batch statistics) keeps the whole state dict identical on every
+    rank, so that each rank validates the model that rank 0 saves. Does nothing without a process group.
+    """
+
+    def __init__(self, networks: nn.Module | Sequence[nn.Module]) -> None:
+        self.networks = [networks] if isinstance(networks, nn.Module) else list(networks)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for network in self.networks:
+            for buffer in unwrap(network).buffers():
+                if buffer.is_floating_point():
+                    dist.all_reduce(buffer)
+                    buffer /= dist.get_world_size()
 
 
 def _argv_config() -> tuple[list[str], dict[str, str]]:
