@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.engines import Trainer
+from monai.engines import IterationEvents, Trainer
 from monai.handlers import CheckpointSaver
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -139,10 +139,13 @@ class WGANGPTrainer(Trainer):
         amp: bfloat16 autocast for the forward passes (GPU or CPU with AMX); the penalty is computed in float32.
         seed: seed of the interpolation weights ε.
         train_handlers: Ignite/MONAI handlers, as for ``SupervisedTrainer``.
+        decollate: as for ``SupervisedTrainer``: decollate the batch and the output into per-sample dicts (with the
+            scalars repeated in each), so that MONAI's handlers, e.g. ``from_engine(["loss"], first=True)`` of the
+            MLflow tracking (``--tracking mlflow``), read the output as they read a ``SupervisedTrainer``'s.
 
     ``engine.state.output`` holds ``image``, ``label``, ``pred`` and the scalars ``loss`` (generator total),
     ``loss_l1``, ``loss_adv``, ``loss_critic``, ``wasserstein`` (D(χ) − D(χ̂) before the last critic step) and
-    ``gradient_penalty``.
+    ``gradient_penalty`` (one dict, or a list of per-sample dicts when ``decollate``).
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class WGANGPTrainer(Trainer):
         seed: int = 0,
         train_handlers=None,
         non_blocking: bool = False,
+        decollate: bool = True,
     ) -> None:
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")
@@ -176,7 +180,7 @@ class WGANGPTrainer(Trainer):
             epoch_length=epoch_length,
             non_blocking=non_blocking,
             handlers=train_handlers,
-            decollate=False,
+            decollate=decollate,
         )
         self.network, self.critic = network, critic
         self.optimizer, self.critic_optimizer = optimizer, critic_optimizer
@@ -244,17 +248,21 @@ class WGANGPTrainer(Trainer):
         for _ in range(self.n_critic):
             critic_stats = self.critic_step(targets, pred, condition)
         generator_stats = self.generator_step(pred, targets, condition)
-        return {
+        engine.state.output = {
             Keys.IMAGE: inputs,
             Keys.LABEL: targets,
             Keys.PRED: pred.detach(),
             **generator_stats,
             **{k: torch.tensor(v) for k, v in critic_stats.items()},
         }
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI's decollation and postprocessing hook
+        return engine.state.output
 
 
-def gan_log_values(output: dict) -> dict[str, float]:
+def gan_log_values(output: dict | list[dict]) -> dict[str, float]:
     """Scalars of a :class:`WGANGPTrainer` iteration for ``StatsHandler``/``TensorBoardStatsHandler``."""
+    if isinstance(output, list):  # decollated: every item repeats the scalars
+        output = output[0]
     keys = ("loss", "loss_l1", "loss_adv", "loss_critic", "wasserstein", "gradient_penalty")
     return {k: float(output[k]) for k in keys if k in output}
 
