@@ -1,13 +1,21 @@
 """Evaluation workflow: the network and the classical inversions side by side on cases with a known χ.
 
-:class:`EvaluationReport` is an Ignite handler for the evaluator of ``configs/evaluate.json``: for every case it
-takes the network's χ (same sliding-window path as inference), runs the chosen classical methods on the same
-field, scores all of them with :func:`scripts.metrics.compute_all`, and when the run completes writes
+``configs/evaluate.json`` (merged over ``configs/inference.json``) runs the network exactly as inference does —
+the same preprocessing (``scripts.io.PrepareFieldd``, ``ToNetworkGridd``), sliding-window inferer and
+postprocessing (``Invertd`` back to the input grid, the data-consistency step, the NIfTI/PNG/report writers) — on
+cases with ground truth: the ``testing`` items of ``--datalist``, or, without one, a small simulated set (a healthy
+brain, a brain with lesions and a random-source volume, :func:`evaluation_datalist`). The tissue ``labels`` and
+``lesion_ids`` of a case are loaded beside it and left untouched, so everything is scored on the dataset's own grid.
 
-* ``per_case.csv`` — one row per case and method (metrics and runtime),
-* ``summary.json`` — mean and standard deviation per method and metric,
+:class:`EvaluationReport` is the evaluator's handler: for every case it takes the network's χ, runs the chosen
+classical methods (:mod:`scripts.baselines`) on the same local field, scores all of them with
+:func:`scripts.metrics.compute_all`, draws a figure, and when the run completes writes into ``output_dir``
+
+* ``per_case.csv`` — one row per case and method (every metric and the runtime in seconds),
+* ``summary.json`` — ``{method: {metric: {"mean", "sd", "n"}}}`` (sd with ddof 0),
 * ``summary.md`` — the same as a markdown table (method × metric, mean ± sd),
-* ``{case}.png`` — truth, each method and its error map on the same slices and grey windows.
+* ``{case}_evaluation.png`` — truth, then each method and its error map, on the same slices and grey windows,
+* optionally (``save_maps``) ``maps/{case}_{method}.nii.gz`` — every classical method's χ.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import numpy as np
 import torch
 
 from .inference import output_stem, preview_image, voxel_size_from_affine
+from .io import atomic_output
 
-__all__ = ["EvaluationReport", "evaluation_datalist", "summarise"]
+__all__ = ["EvaluationReport", "evaluation_datalist", "summarise", "markdown_table", "write_tables"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,109 +95,194 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
 class EvaluationReport:
     """Score the network and classical methods on every case of an evaluator run; write tables and figures.
 
+    Per case it reads, from the evaluator's decollated batch and output (``configs/evaluate.json``): ``pred`` (the
+    network's χ, brought back to the input grid by ``Invertd``), ``image`` (the local field on the input grid, after
+    ``scripts.io.InputFieldd``), ``label`` (true χ), ``eval_mask`` (the mask ``PrepareFieldd`` used) and, when the
+    datalist has them, ``labels`` (tissue labels) and ``lesion_ids`` (lesion instances). Voxel size and B0 direction
+    come from the field's affine (B0 = world z) unless ``b0_direction`` is given. Every method is scored on the
+    dataset's own grid with :func:`scripts.metrics.compute_all`.
+
     Keywords:
         output_dir: where the files go.
         methods: classical methods to run, names of :data:`scripts.baselines.METHODS`, or ``{name: kwargs}``.
+        method_options: extra keyword arguments per method name (merged over those of ``methods``).
+        save_maps: also write every classical method's χ as ``maps/{case}_{method}.nii.gz`` (the field's affine).
         figure_window: grey window (ppm) of χ panels; error panels use ± half its width.
+        b0_direction: B0 in voxel coordinates (None: from the affine).
+
+    Runtime: ``seconds`` is the wall-clock time of each classical method and, for the network, of the evaluator's
+    forward pass (sliding windows over the whole volume, from ``ITERATION_STARTED`` to ``FORWARD_COMPLETED``;
+    loading, resampling and the data-consistency step are not included).
     """
 
     def __init__(
         self,
         output_dir: str = "./eval",
         methods: Sequence[str] | Mapping[str, Mapping] = ("tkd", "tikhonov", "tv_admm"),
+        method_options: Mapping[str, Mapping] | None = None,
+        save_maps: bool = False,
         figure_window: Sequence[float] = (-0.15, 0.25),
+        b0_direction: Sequence[float] | None = None,
     ) -> None:
+        from .baselines import METHODS
+
         self.output_dir = output_dir
-        self.methods = dict(methods) if isinstance(methods, Mapping) else {m: {} for m in methods}
+        if isinstance(methods, str):
+            methods = [methods]
+        self.methods = (
+            {m: dict(k or {}) for m, k in methods.items()} if isinstance(methods, Mapping) else {m: {} for m in methods}
+        )
+        for name, extra in dict(method_options or {}).items():
+            self.methods.setdefault(name, {}).update(dict(extra or {}))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}")
+        self.save_maps = bool(save_maps) if not isinstance(save_maps, str) else save_maps.lower() == "true"
         self.window = (float(figure_window[0]), float(figure_window[1]))
+        self.b0_direction = None if b0_direction is None else tuple(float(v) for v in b0_direction)
         self.rows: list[dict] = []
+        self._network_seconds: list[float] = []
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
+        from monai.engines.utils import IterationEvents
 
         engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._tick)
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._tock)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def _start(self, engine) -> None:
         self.rows = []
-        self._tick = time.perf_counter()
+
+    def _tick(self, engine) -> None:
+        self._started = time.perf_counter()
+
+    def _tock(self, engine) -> None:
+        self._forward_seconds = time.perf_counter() - self._started
 
     def iteration(self, engine) -> None:
-        network_seconds = time.perf_counter() - self._tick
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        batch = engine.state.batch
-        for index, item in enumerate(outputs):
-            extras = {}
-            for key in ("labels", "lesion_ids"):
-                if isinstance(batch, dict) and key in batch:
-                    extras[key] = torch.as_tensor(batch[key][index])[0]
-            self.evaluate_case(item, extras, network_seconds / len(outputs))
-        self._tick = time.perf_counter()
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        seconds = getattr(self, "_forward_seconds", float("nan")) / max(1, len(outputs))
+        for index, output in enumerate(outputs):
+            batch = batches[index] if index < len(batches) and isinstance(batches[index], Mapping) else {}
+            item = {**batch, **output}  # postprocessing leaves new keys in the output, the loaded ones in the batch
+            self.evaluate_case(item, seconds)
 
-    def evaluate_case(self, item: dict, extras: dict, network_seconds: float) -> None:
-        """Run the classical methods on one case and record the metrics of every method."""
+    def evaluate_case(self, item: Mapping, network_seconds: float = float("nan")) -> list[dict]:
+        """Run the classical methods on one case and record the metrics of every method (returns its rows)."""
         from .baselines import run_method
         from .metrics import compute_all
         from .physics import b0_direction_from_affine
 
-        field, truth, mask = (item[k].detach().cpu().float()[0] for k in ("image", "label", "eval_mask"))
-        affine = item["image"].affine.numpy() if hasattr(item["image"], "affine") else np.eye(4)
-        voxel, b0 = voxel_size_from_affine(affine), tuple(b0_direction_from_affine(affine))
-        case = output_stem(item["image"])
-        maps = {"network": (item["pred"].detach().cpu().float()[0], network_seconds)}
+        def volume(key, dtype=torch.float32):
+            value = item.get(key)
+            if value is None:
+                return None
+            t = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+            return t.detach().cpu().to(dtype)[0]
+
+        field, truth, pred = volume("image"), volume("label"), volume("pred")
+        mask = volume("eval_mask") if item.get("eval_mask") is not None else volume("mask")
+        if field is None or truth is None or pred is None or mask is None:
+            missing = [k for k in ("image", "label", "pred", "eval_mask") if item.get(k) is None]
+            raise KeyError(f"evaluation needs the field, the true χ, the prediction and the mask; missing {missing}")
+        mask = (mask > 0).float()
+        image = item["image"]
+        affine = np.asarray(image.affine, dtype=np.float64) if hasattr(image, "affine") else np.eye(4)
+        voxel = voxel_size_from_affine(affine)
+        b0 = self.b0_direction or tuple(float(v) for v in b0_direction_from_affine(affine))
+        labels = volume("labels", torch.int64)
+        lesion_ids = volume("lesion_ids", torch.int64)
+        case = output_stem(image)
+        maps = {"network": (pred * mask, float(network_seconds))}
         for name, kwargs in self.methods.items():
-            maps[name] = run_method(name, field, mask, voxel, b0, **dict(kwargs))
-        labels, lesion_ids = extras.get("labels"), extras.get("lesion_ids")
+            chi, seconds = run_method(name, field, mask, voxel, b0, **kwargs)
+            maps[name] = (chi.cpu().float() * mask, seconds)
+        rows = []
         for method, (chi, seconds) in maps.items():
-            chi = torch.as_tensor(chi).float() * mask
             scores = compute_all(chi, truth, mask, labels=labels, lesion_ids=lesion_ids, voxel_size=voxel)
-            self.rows.append({"case": case, "method": method, **scores, "seconds": float(seconds)})
+            row = {"case": case, "method": method, **scores, "seconds": float(seconds)}
+            rows.append(row)
             logger.info(f"{case} {method}: NRMSE {scores['nrmse']:.1f} %, XSIM {scores['xsim']:.3f} ({seconds:.1f} s)")
-        self._figure(case, truth.numpy(), mask.numpy(), {m: np.asarray(c[0]) * mask.numpy() for m, c in maps.items()})
+        self.rows.extend(rows)
+        self._figure(case, truth.numpy(), mask.numpy(), {m: c.numpy() for m, (c, _) in maps.items()})
+        if self.save_maps:
+            self._save_maps(case, affine, {m: c for m, (c, _) in maps.items() if m != "network"})
+        return rows
+
+    def _save_maps(self, case: str, affine: np.ndarray, maps: Mapping[str, torch.Tensor]) -> None:
+        import nibabel as nib
+
+        folder = os.path.join(self.output_dir, "maps")
+        os.makedirs(folder, exist_ok=True)
+        for method, chi in maps.items():
+            path = os.path.join(folder, f"{case}_{method}.nii.gz")
+            with atomic_output(path, overwrite=True) as tmp:
+                nib.save(nib.Nifti1Image(chi.numpy().astype(np.float32), affine), tmp)
 
     def _figure(self, case: str, truth: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+        """``{case}_evaluation.png``: the truth, then per method its χ and its error χ − truth (masked), all through
+        the same voxel (the mask's centre of mass) and in the same windows."""
         from PIL import Image, ImageDraw
 
-        centre = [int(round(c.mean())) for c in np.nonzero(mask > 0)] if mask.any() else None
+        inside = mask > 0
+        centre = [int(round(float(c.mean()))) for c in np.nonzero(inside)] if inside.any() else None
         half = (self.window[1] - self.window[0]) / 2
-        rows = [preview_image([truth], self.window, centre)]
+        rows = [preview_image([truth * inside], self.window, centre)]
         names = ["truth"]
         for method, chi in maps.items():
-            chi_img = preview_image([chi], self.window, centre)
-            err_img = preview_image([(chi - truth) * (mask > 0)], (-half, half), centre)
-            row = Image.new("L", (chi_img.width + err_img.width, chi_img.height))
+            chi_img = preview_image([chi * inside], self.window, centre)
+            err_img = preview_image([(chi - truth) * inside], (-half, half), centre)
+            row = Image.new("L", (chi_img.width + 8 + err_img.width, chi_img.height))
             row.paste(chi_img, (0, 0))
-            row.paste(err_img, (chi_img.width, 0))
+            row.paste(err_img, (chi_img.width + 8, 0))
             rows.append(row)
-            names.append(f"{method} | error")
-        label_w = 110
-        canvas = Image.new("L", (label_w + max(r.width for r in rows), sum(r.height for r in rows)), 0)
+            names.append(f"{method}\n| error")
+        label_w = 90
+        canvas = Image.new("L", (label_w + max(r.width for r in rows), sum(r.height for r in rows) + 16), 0)
         draw = ImageDraw.Draw(canvas)
-        y = 0
+        draw.text(
+            (4, 2),
+            f"{case}: chi window {self.window[0]:g}..{self.window[1]:g} ppm; error window +-{half:g} ppm",
+            fill=255,
+        )
+        y = 16
         for name, row in zip(names, rows):
             canvas.paste(row, (label_w, y))
             draw.text((4, y + 4), name, fill=255)
             y += row.height
         os.makedirs(self.output_dir, exist_ok=True)
-        canvas.save(os.path.join(self.output_dir, f"{case}.png"))
+        with atomic_output(os.path.join(self.output_dir, f"{case}_evaluation.png"), overwrite=True) as tmp:
+            canvas.save(tmp)
 
     def completed(self, engine) -> None:
         if not self.rows:
             raise RuntimeError("evaluation ran on no case: check the datalist's 'testing' section")
-        os.makedirs(self.output_dir, exist_ok=True)
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(os.path.join(self.output_dir, "per_case.csv"), "w", newline="") as f:
+        write_tables(self.rows, self.output_dir)
+
+
+def write_tables(rows: list[dict], output_dir: str) -> dict:
+    """Write ``per_case.csv``, ``summary.json`` and ``summary.md`` for ``rows``; return the summary."""
+    os.makedirs(output_dir, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_output(os.path.join(output_dir, "per_case.csv"), overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(self.rows)
-        summary = summarise(self.rows)
-        with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
+            writer.writerows(rows)
+    summary = summarise(rows)
+    with atomic_output(os.path.join(output_dir, "summary.json"), overwrite=True) as tmp:
+        with open(tmp, "w") as f:
             json.dump(summary, f, indent=2)
-        table = markdown_table(summary)
-        with open(os.path.join(self.output_dir, "summary.md"), "w") as f:
+    table = markdown_table(summary)
+    with atomic_output(os.path.join(output_dir, "summary.md"), overwrite=True) as tmp:
+        with open(tmp, "w") as f:
             f.write(table)
-        logger.info("\n" + table)
+    logger.info("\n" + table)
+    return summary
 
 
 def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
