@@ -9,6 +9,7 @@ would, without writing into the repository.
 import json
 
 import pytest
+import torch
 from conftest import BUNDLE, TINY, bundle_run
 
 pytest.importorskip("mlflow")
@@ -16,12 +17,12 @@ pytest.importorskip("mlflow")
 SMALL = [*TINY, "--epochs", "1", "--iterations_per_epoch", "2", "--num_val_cases", "1", "--val_shape", "[40,36,30]"]
 
 
-def tracked_runs(store):
-    """The MLflow client of a SQLite ``store`` and the runs of MONAI's default experiment, oldest first."""
+def tracked_runs(store, experiment_name="monai_experiment"):
+    """The MLflow client of a SQLite ``store`` and the runs of an experiment, oldest first."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("monai_experiment")
+    experiment = client.get_experiment_by_name(experiment_name)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     return client, runs
@@ -67,20 +68,39 @@ def test_tensorboard_is_the_default():
         assert len(board) == 1 and board[0]["log_dir"] == "@output_dir"
 
 
-def test_mlflow_tracks_the_wgan_stage_into_a_given_store(stage1):
-    root, _ = stage1
-    store = root / "runs" / "stage1" / "mlruns.db"  # --tracking_uri: stage 2 joins stage 1's store
-    configs = json.dumps(["configs/train.json", "configs/train_gan.json"])
-    # --bundle_root also makes stage 2 start from the stage-1 weights just trained
-    args = ["--tracking", "mlflow", "--tracking_uri", f"sqlite:///{store}", "--bundle_root", str(root)]
-    bundle_run("training", "--config_file", configs, *args, "--n_critic", "2", *SMALL)
-    assert not (root / "runs" / "stage2" / "mlruns.db").exists()
-    client, runs = tracked_runs(store)
-    assert len(runs) == 2 and runs[1].info.status == "FINISHED"
-    run = runs[1]
-    history = client.get_metric_history(run.info.run_id, "train_loss")  # the generator's total loss, per iteration
+def test_mlflow_default_trainer_handler_reads_the_wgan_engine(stage1):
+    """MONAI's default MLflow trainer handler (``from_engine(['loss'], first=True)``) on the WGAN-GP engine.
+
+    In process, on stage 1's store: the engine decollates its output as ``SupervisedTrainer`` does, so the
+    generator's total loss is logged per iteration (the bundle's own ``gan_log_values`` still sees every scalar).
+    """
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    from scripts.engines import WGANGPTrainer, gan_log_values
+    from scripts.networks import QSMCritic, QSMGenerator, qsmgan_unet
+
+    store = stage1[0] / "runs" / "stage1" / "mlruns.db"
+    settings = {k: v for k, v in DEFAULT_MLFLOW_SETTINGS["configs"].items() if k in ("trainer", "is_not_rank0")}
+    settings.update(tracking_uri=f"sqlite:///{store}", experiment_name="wgan", run_name=None, save_execute_config=None)
+    handler = ConfigParser(settings).get_parsed_content("trainer")  # the handler that --tracking mlflow adds
+    torch.manual_seed(0)
+    generator, critic = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4))), QSMCritic(channels=4, patch_size=16)
+    batches = [{"image": torch.randn(2, 1, 32, 32, 32) * 0.05, "label": torch.randn(2, 1, 16, 16, 16) * 0.1}] * 2
+    trainer = WGANGPTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=batches,
+        network=generator,
+        critic=critic,
+        optimizer=torch.optim.Adam(generator.parameters(), 1e-4, betas=(0.0, 0.9)),
+        critic_optimizer=torch.optim.Adam(critic.parameters(), 1e-4, betas=(0.0, 0.9)),
+        n_critic=1,
+        train_handlers=[handler],
+    )
+    trainer.run()
+    scalars = {"loss", "loss_l1", "loss_adv", "loss_critic", "wasserstein", "gradient_penalty"}
+    assert set(gan_log_values(trainer.state.output)) == scalars
+    client, runs = tracked_runs(store, "wgan")
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
-    assert {"val_nrmse", "val_psnr", "val_ssim"} <= run.data.metrics.keys()
-    (artifact,) = [a.path for a in client.list_artifacts(run.info.run_id)]
-    executed = json.loads((store.parent / "mlruns" / run.info.run_id / "artifacts" / artifact).read_text())
-    assert executed["n_critic"] == 2 and executed["train"]["trainer"]["_target_"] == "scripts.engines.WGANGPTrainer"
