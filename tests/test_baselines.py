@@ -125,9 +125,11 @@ def test_regularised_methods_beat_tkd_on_a_noisy_field(periodic_case):
     assert score("tv_admm") < reference - 20.0
 
 
-def test_masked_local_field_output_and_padding():
-    """On a masked local field (the bundle's usual input), every method returns χ on the input grid, zero outside
-    the mask, from numpy input too, and the padded TKD is closer to the truth than the unpadded one."""
+def test_masked_local_field():
+    """On a masked local field (the bundle's usual input, default padding), every method returns a finite χ on the
+    input grid, zero outside the mask, from numpy input too; fitting the field only inside the mask (MEDI-TV) beats
+    the closed forms, which take the unknown field outside it as 0. Measured NRMSE %: TKD 40.7, TSVD 38.1,
+    Tikhonov 40.7, TV-ADMM 32.5, iLSQR 41.1, MEDI-TV 19.0."""
     shape = (40, 40, 40)
     chi = smooth_phantom(shape, seed=5)
     axes = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in shape]
@@ -135,11 +137,14 @@ def test_masked_local_field_output_and_padding():
     mask = ((x / 17) ** 2 + (y / 18) ** 2 + (z / 16) ** 2 <= 1).float()
     chi = chi * mask
     field = forward_field(chi, VOXEL, mask=mask)
+    scores = {}
     for method in B.METHODS:
         out = B.METHODS[method](field.numpy(), mask.numpy(), VOXEL, (0, 0, 1))
-        assert isinstance(out, torch.Tensor) and out.shape == shape
+        assert isinstance(out, torch.Tensor) and out.shape == shape and out.dtype == torch.float32
         assert torch.all(out[mask == 0] == 0) and torch.isfinite(out).all()
-        assert nrmse(out, chi, mask) < 100.0, method
+        scores[method] = nrmse(out, chi, mask)
+    assert max(scores.values()) < 50.0, scores
+    assert scores["medi_tv"] < scores["tkd"] - 10.0, scores
 
 
 def test_defaults_and_signatures_used_elsewhere():
