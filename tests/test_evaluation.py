@@ -38,6 +38,7 @@ def evaluation(tmp_path_factory):
     torch.save(QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4))).state_dict(), tmp / "model.pt")
     out = tmp / "eval"
     args = ["--config_file", CONFIGS, "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(out), *TINY, *TINY_SET]
+    args += ["--save_maps", "true"]
     with pytest.MonkeyPatch.context() as mp:
         # tiny volumes: one thread avoids the thread hand-offs that dominate on a busy 2-core machine
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -100,6 +101,9 @@ def test_tkd_and_network_scores_match_an_independent_recomputation(evaluation):
         expected = plain_nrmse(chi.double().numpy(), truth, mask)
         assert float(rows[(case, "tkd")]["nrmse"]) == pytest.approx(expected, abs=1e-3)
         tkd_values.append(expected)
+        written = nib.load(out / "maps" / f"{case}_tkd.nii.gz")  # --save_maps: TKD's χ as the report scored it
+        assert np.allclose(written.affine, img.affine)
+        assert plain_nrmse(written.get_fdata(), truth, mask) == pytest.approx(expected, abs=1e-3)
         network = nib.load(out / f"{case}_chi.nii.gz").get_fdata() * mask
         assert float(rows[(case, "network")]["nrmse"]) == pytest.approx(plain_nrmse(network, truth, mask), abs=1e-3)
     summary = json.loads((out / "summary.json").read_text())
@@ -121,6 +125,18 @@ def test_report_rejects_unknown_methods_and_merges_options():
         EvaluationReport(methods=["tkd", "medi"])
     report = EvaluationReport(methods={"tkd": {"threshold": 0.15}}, method_options={"tkd": {"pad": 0}, "tv_admm": {}})
     assert report.methods == {"tkd": {"threshold": 0.15, "pad": 0}, "tv_admm": {}}
+
+
+def test_evaluation_datalist_keeps_labels_and_requires_truth(tmp_path):
+    from scripts.evaluation import evaluation_datalist
+
+    items = [{"image": "a_field.nii.gz", "mask": "a_mask.nii.gz", "label": "a_chi.nii.gz", "labels": "a_labels.nii.gz"}]
+    (tmp_path / "list.json").write_text(json.dumps({"testing": items}))
+    (item,) = evaluation_datalist(str(tmp_path / "list.json"), str(tmp_path / "out"))
+    assert item == {k: str(tmp_path / v) for k, v in items[0].items()}
+    (tmp_path / "bad.json").write_text(json.dumps({"testing": [{"image": "b_field.nii.gz"}]}))
+    with pytest.raises(ValueError, match="needs the true χ"):
+        evaluation_datalist(str(tmp_path / "bad.json"), str(tmp_path / "out"))
 
 
 def test_summary_table_format():

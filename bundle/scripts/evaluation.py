@@ -107,8 +107,10 @@ class EvaluationReport:
         methods: classical methods to run, names of :data:`scripts.baselines.METHODS`, or ``{name: kwargs}``.
         method_options: extra keyword arguments per method name (merged over those of ``methods``).
         save_maps: also write every classical method's χ as ``maps/{case}_{method}.nii.gz`` (the field's affine).
-        figure_window: grey window (ppm) of χ panels; error panels use ± half its width.
+        figure_window: grey window (ppm) of the χ panels.
+        error_window: half-width (ppm) of the grey window of the error panels (χ − truth).
         b0_direction: B0 in voxel coordinates (None: from the affine).
+        device: where the classical methods run (e.g. the evaluator's CUDA device); default CPU.
 
     Runtime: ``seconds`` is the wall-clock time of each classical method and, for the network, of the evaluator's
     forward pass (sliding windows over the whole volume, from ``ITERATION_STARTED`` to ``FORWARD_COMPLETED``;
@@ -122,7 +124,9 @@ class EvaluationReport:
         method_options: Mapping[str, Mapping] | None = None,
         save_maps: bool = False,
         figure_window: Sequence[float] = (-0.15, 0.25),
+        error_window: float = 0.1,
         b0_direction: Sequence[float] | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         from .baselines import METHODS
 
@@ -139,6 +143,8 @@ class EvaluationReport:
             raise ValueError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}")
         self.save_maps = bool(save_maps) if not isinstance(save_maps, str) else save_maps.lower() == "true"
         self.window = (float(figure_window[0]), float(figure_window[1]))
+        self.error_window = float(error_window)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.b0_direction = None if b0_direction is None else tuple(float(v) for v in b0_direction)
         self.rows: list[dict] = []
         self._network_seconds: list[float] = []
@@ -199,7 +205,7 @@ class EvaluationReport:
         case = output_stem(image)
         maps = {"network": (pred * mask, float(network_seconds))}
         for name, kwargs in self.methods.items():
-            chi, seconds = run_method(name, field, mask, voxel, b0, **kwargs)
+            chi, seconds = run_method(name, field.to(self.device), mask.to(self.device), voxel, b0, **kwargs)
             maps[name] = (chi.cpu().float() * mask, seconds)
         rows = []
         for method, (chi, seconds) in maps.items():
@@ -230,7 +236,7 @@ class EvaluationReport:
 
         inside = mask > 0
         centre = [int(round(float(c.mean()))) for c in np.nonzero(inside)] if inside.any() else None
-        half = (self.window[1] - self.window[0]) / 2
+        half = self.error_window
         rows = [preview_image([truth * inside], self.window, centre)]
         names = ["truth"]
         for method, chi in maps.items():
