@@ -147,4 +147,6 @@ def test_phantom_mask_masks_field_and_target():
     assert torch.all(field[~inside] == 0) and field[inside].abs().max() > 1e-3
     assert abs(float(field[inside].mean())) < 1e-6
     target_inside = inside[6:26, 6:26, 6:26]
-    assert torch.allclose(chi[~target_inside], torch.tensor(0.0)) and torch.allclose(chi[target_inside], torch.tensor(0.1))
+    assert torch.allclose(chi[~target_inside], torch.tensor(0.0)) and torch.allclose(
+        chi[target_inside], torch.tensor(0.1)
+    )
