@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import bundle_run
+from conftest import TINY, bundle_run
 
 from scripts.physics import b0_direction_from_affine, forward_field
 from scripts.simulate import SimulationSet
@@ -51,6 +51,36 @@ def test_simulating_writes_a_consistent_dataset(tmp_path):
         assert abs(np.corrcoef(noise, expected[inside])[0, 1]) < 0.05
     saved = json.loads((out / "simulation.json").read_text())
     assert saved["seed"] == 700000 and saved["voxel_size"] == [2.5, 2.5, 2.5] and saved["sets"]["random"]["snr"] == 20
+    # the dataset is a datalist that training and inference accept as they are
+    listing_path = str(out / "datalist.json")
+    common = ["--datalist", listing_path, *TINY]
+    log = bundle_run(
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--output_dir",
+        str(tmp_path / "train"),
+        "--epochs",
+        "1",
+        "--iterations_per_epoch",
+        "1",
+        *common,
+    )
+    assert "val_nrmse" in log and (tmp_path / "train" / "checkpoints" / "model.pt").is_file()
+    bundle_run(
+        "inference",
+        "--config_file",
+        "configs/inference.json",
+        "--output_dir",
+        str(tmp_path / "infer"),
+        "--checkpoint",
+        str(tmp_path / "train" / "checkpoints" / "model.pt"),
+        *common,
+    )
+    for item in listing["testing"]:
+        stem = item["image"].replace(".nii.gz", "")
+        chi = nib.load(tmp_path / "infer" / f"{stem}_chi.nii.gz")
+        assert chi.shape == (48, 56, 48) and np.allclose(chi.affine, nib.load(out / item["image"]).affine)
     # a second run into the same folder is refused and leaves the dataset as it was
     before = (out / "datalist.json").read_bytes()
     result = bundle_run(*args, expect_ok=False)
