@@ -206,6 +206,13 @@ def test_lesion_total_susceptibility_by_hand():
     assert out["lesion_count"] == 2 and out["lesion_total_chi_error"] == pytest.approx(25.0)
     out = M.compute_all(pred, truth, mask, labels=tissue, voxel_size=voxel)
     assert out["lesion_count"] == 2 and out["lesion_total_chi_error"] == pytest.approx(25.0)
+    assert out["microbleed_count"] == 2 and out["microbleed_total_chi_error"] == pytest.approx(25.0)
+    # instances typed by the tissue labels: lesion 2 is a calcification, so only lesion 1 (−50 %) is a microbleed
+    typed = np.where(instances == 2, 16, tissue)
+    out = M.compute_all(pred, truth, mask, labels=typed, lesion_ids=instances, voxel_size=voxel)
+    assert out["lesion_count"] == 2 and out["lesion_total_chi_error"] == pytest.approx(25.0)
+    assert out["microbleed_count"] == 1 and out["microbleed_total_chi_error"] == pytest.approx(50.0)
+    assert out["microbleed_total_chi_bias"] == pytest.approx(-50.0)
     assert M.lesion_total_susceptibility(pred, truth, np.zeros(shape), 1.0) == []
     # grown by one voxel: the first lesion's 4³ neighbourhood, where a smeared reconstruction is counted too
     smeared = pred.copy()
@@ -246,7 +253,7 @@ def test_higher_is_better():
     assert M.higher_is_better("xsim") and M.higher_is_better("ssim") and M.higher_is_better("psnr")
     pred, truth, mask, labels = random_case(shape=(12, 12, 12))
     for key in M.compute_all(pred, truth, mask, labels=labels):
-        if key != "lesion_count":
+        if not key.endswith(("_count", "_bias")):  # counts and signed biases have no better direction
             M.higher_is_better(key)  # every score has a direction
 
 

@@ -39,7 +39,16 @@ __all__ = ["EvaluationReport", "evaluation_datalist", "summarise", "markdown_tab
 logger = logging.getLogger(__name__)
 
 #: Metrics shown in the markdown table, in this order (others are in the CSV and JSON).
-TABLE_METRICS = ("nrmse", "xsim", "hfen", "nrmse_detrended", "dgm_linearity", "lesion_total_chi_error")
+TABLE_METRICS = (
+    "nrmse",
+    "xsim",
+    "hfen",
+    "nrmse_detrended",
+    "dgm_linearity",
+    "lesion_total_chi_error",
+    "microbleed_total_chi_error",
+    "microbleed_total_chi_bias",
+)
 
 
 def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping | None = None) -> list[dict]:

@@ -78,6 +78,7 @@ __all__ = [
     "DGM_LABEL_IDS",
     "CALCIFICATION_LABEL_ID",
     "LESION_LABEL_IDS",
+    "MICROBLEED_LABEL_ID",
 ]
 
 #: Deep-grey-matter label ids of the QSM challenge 2.0 phantom (and of ``scripts.phantoms.brain``).
@@ -86,6 +87,8 @@ DGM_LABEL_IDS = (1, 2, 3, 4, 5, 6)
 CALCIFICATION_LABEL_ID = 16
 #: Lesion label ids of ``scripts.phantoms.brain``: calcification, microbleed, haemorrhage, tumour-like lesion.
 LESION_LABEL_IDS = (16, 17, 18, 19)
+#: Label id of cerebral microbleeds.
+MICROBLEED_LABEL_ID = 17
 #: Tissue (thalamus, white and grey matter), blood and DGM label ids of QSM-CI's region NRMSEs.
 _TISSUE_IDS, _BLOOD_ID = (7, 8, 9), 11
 
@@ -321,6 +324,14 @@ def _region_nrmses(r, t, m, seg) -> dict[str, float]:
     }
 
 
+def _lesion_type(lesion: dict, seg: np.ndarray, instances: np.ndarray | None) -> int:
+    """Tissue label of a lesion of :func:`_lesion_totals`: its own label, or the most common one of its instance."""
+    if instances is None:
+        return int(lesion["label"])
+    values, counts = np.unique(seg[instances == lesion["label"]], return_counts=True)
+    return int(values[np.argmax(counts)]) if len(values) else 0
+
+
 def _lesion_totals(r, t, seg, voxel_volume, label_ids, connected, dilation=0) -> list[dict[str, float]]:
     if label_ids is None:
         values = [int(v) for v in np.unique(seg) if v != 0]
@@ -483,8 +494,11 @@ def compute_all(
     With ``labels`` (tissue label map): ``dgm_linearity``, ``calcification_moment``, ``calcification_streaking``
     and QSM-CI's detrended region NRMSEs ``nrmse_tissue`` (7–9), ``nrmse_blood`` (11, dilated) and ``nrmse_dgm``
     (1–6). With ``lesion_ids`` (lesion instance map), or else ``labels`` (``lesion_label_ids``, connected
-    components): ``lesion_count`` and ``lesion_total_chi_error`` = mean over lesions of 100·|relative error| (%).
-    ``voxel_size`` (mm) gives the voxel volume for the lesion totals.
+    components): ``lesion_count`` and ``lesion_total_chi_error`` = mean over lesions of 100·|relative error| (%);
+    with ``labels`` also ``microbleed_count`` and ``microbleed_total_chi_error``, the same over the lesions whose
+    voxels are mostly labelled :data:`MICROBLEED_LABEL_ID`, and ``microbleed_total_chi_bias``, the mean signed
+    relative error (%; negative: total χ under-estimated). ``voxel_size`` (mm) gives the voxel volume for the
+    lesion totals.
     """
     r, t, m = _prepare(pred, truth, mask)
     value, detrended = _nrmse_pair(r, t, m)
@@ -512,6 +526,13 @@ def compute_all(
         errors = [abs(x["relative_error"]) for x in lesions if math.isfinite(x["relative_error"])]
         out["lesion_count"] = float(len(lesions))
         out["lesion_total_chi_error"] = 100.0 * float(np.mean(errors)) if errors else math.nan
+        if seg is not None:
+            instances = _labels(lesion_ids, m.shape) if lesion_ids is not None else None
+            bleeds = [x for x in lesions if _lesion_type(x, seg, instances) == MICROBLEED_LABEL_ID]
+            signed = [x["relative_error"] for x in bleeds if math.isfinite(x["relative_error"])]
+            out["microbleed_count"] = float(len(bleeds))
+            out["microbleed_total_chi_error"] = 100.0 * float(np.mean(np.abs(signed))) if signed else math.nan
+            out["microbleed_total_chi_bias"] = 100.0 * float(np.mean(signed)) if signed else math.nan
     return {k: float(v) for k, v in out.items()}
 
 
@@ -540,6 +561,7 @@ _LOWER_IS_BETTER = (
     "calcification_moment",
     "calcification_streaking",
     "lesion_total_chi_error",
+    "microbleed_total_chi_error",
 )
 _HIGHER_IS_BETTER.update({k: False for k in _LOWER_IS_BETTER})
 
