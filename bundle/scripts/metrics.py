@@ -324,15 +324,9 @@ def _region_nrmses(r, t, m, seg) -> dict[str, float]:
     }
 
 
-def _lesion_type(lesion: dict, seg: np.ndarray, instances: np.ndarray | None) -> int:
-    """Tissue label of a lesion of :func:`_lesion_totals`: its own label, or the most common one of its instance."""
-    if instances is None:
-        return int(lesion["label"])
-    values, counts = np.unique(seg[instances == lesion["label"]], return_counts=True)
-    return int(values[np.argmax(counts)]) if len(values) else 0
-
-
-def _lesion_totals(r, t, seg, voxel_volume, label_ids, connected, dilation=0) -> list[dict[str, float]]:
+def _lesion_totals(r, t, seg, voxel_volume, label_ids, connected, dilation=0, tissue=None) -> list[dict[str, float]]:
+    """Per-lesion totals (see :func:`lesion_total_susceptibility`); with a ``tissue`` label map also each lesion's
+    ``tissue_label``, the most common tissue label of its voxels (its type, for an instance map)."""
     if label_ids is None:
         values = [int(v) for v in np.unique(seg) if v != 0]
     else:
@@ -349,6 +343,10 @@ def _lesion_totals(r, t, seg, voxel_volume, label_ids, connected, dilation=0) ->
             regions.append((value, sel))
     out = []
     for number, (value, sel) in enumerate(regions, start=1):
+        kind = {}
+        if tissue is not None:
+            labels, counts = np.unique(tissue[sel], return_counts=True)
+            kind = {"tissue_label": int(labels[np.argmax(counts)])}
         if dilation > 0:
             sel = binary_dilation(sel, structure=np.ones((3, 3, 3), bool), iterations=int(dilation))
         truth_total = float(t[sel].sum()) * voxel_volume
@@ -362,6 +360,7 @@ def _lesion_totals(r, t, seg, voxel_volume, label_ids, connected, dilation=0) ->
                 "truth_total_ppm_mm3": truth_total,
                 "pred_total_ppm_mm3": pred_total,
                 "relative_error": (pred_total - truth_total) / truth_total if truth_total != 0.0 else math.nan,
+                **kind,
             }
         )
     return out
@@ -520,15 +519,14 @@ def compute_all(
     if lesion_ids is not None or seg is not None:
         voxel_volume = float(np.prod(np.asarray(_to_numpy(voxel_size, "voxel_size"), dtype=np.float64)))
         if lesion_ids is not None:
-            lesions = _lesion_totals(r, t, _labels(lesion_ids, m.shape), voxel_volume, None, False)
+            lesions = _lesion_totals(r, t, _labels(lesion_ids, m.shape), voxel_volume, None, False, tissue=seg)
         else:
-            lesions = _lesion_totals(r, t, seg, voxel_volume, tuple(lesion_label_ids), True)
+            lesions = _lesion_totals(r, t, seg, voxel_volume, tuple(lesion_label_ids), True, tissue=seg)
         errors = [abs(x["relative_error"]) for x in lesions if math.isfinite(x["relative_error"])]
         out["lesion_count"] = float(len(lesions))
         out["lesion_total_chi_error"] = 100.0 * float(np.mean(errors)) if errors else math.nan
         if seg is not None:
-            instances = _labels(lesion_ids, m.shape) if lesion_ids is not None else None
-            bleeds = [x for x in lesions if _lesion_type(x, seg, instances) == MICROBLEED_LABEL_ID]
+            bleeds = [x for x in lesions if x["tissue_label"] == MICROBLEED_LABEL_ID]
             signed = [x["relative_error"] for x in bleeds if math.isfinite(x["relative_error"])]
             out["microbleed_count"] = float(len(bleeds))
             out["microbleed_total_chi_error"] = 100.0 * float(np.mean(np.abs(signed))) if signed else math.nan
