@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.networks import CenterCrop3d, QSMGenerator, count_parameters, qsmgan_unet
+from scripts.networks import (
+    CenterCrop3d,
+    QSMGenerator,
+    bf16_supported,
+    count_parameters,
+    qsmgan_unet,
+    resolve_autocast,
+)
 
 
 def test_generator_shapes_and_parameter_count():
@@ -35,6 +42,31 @@ def test_small_unet_and_bf16_autocast_give_float32():
     net = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)), autocast=True)
     out = net(torch.randn(2, 1, 32, 32, 32))
     assert out.dtype == torch.float32 and out.shape == (2, 1, 16, 16, 16)
+
+
+def test_channels_last_gives_the_same_map_and_keeps_its_layout_through_loading():
+    torch.manual_seed(0)
+    plain = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4))).eval()
+    fast = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)), channels_last=True).eval()
+    assert not torch.allclose(plain(torch.ones(1, 1, 32, 32, 32)), fast(torch.ones(1, 1, 32, 32, 32)))
+    fast.load_state_dict(plain.state_dict())
+    weight = fast.backbone.conv_0.conv_1.conv.weight  # 4 → 4 channels: the two layouts differ
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    field = torch.randn(2, 1, 32, 32, 32)
+    with torch.inference_mode():
+        expected, out = plain(field), fast(field)
+    assert out.is_contiguous() and out.shape == (2, 1, 16, 16, 16)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_auto_follows_the_hardware():
+    assert resolve_autocast("auto", "cpu") == bf16_supported("cpu")
+    assert resolve_autocast(True, "cpu") is True and resolve_autocast(False, "cuda") is False
+    assert bf16_supported("meta") is False
+    with pytest.raises(ValueError, match="'auto'"):
+        QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)), autocast="bf16")
+    net = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)), autocast="auto")
+    assert net(torch.randn(1, 1, 32, 32, 32)).dtype == torch.float32
 
 
 def test_bad_inputs():

@@ -93,6 +93,22 @@ def test_padding_prevents_wrap_around():
     assert abs(padded - reference) < 0.2 * reference
 
 
+def test_cached_kernel_is_reused_and_never_modified():
+    from scripts.physics import _cached_rfft_kernel
+
+    chi = torch.zeros(12, 10, 8)
+    chi[5, 4, 3] = 1.0
+    first = forward_field(chi, (1.0, 1.0, 1.5), (0.0, 0.6, 0.8))
+    hits = _cached_rfft_kernel.cache_info().hits
+    second = forward_field(chi * 2.0, (1.0, 1.0, 1.5), (0.0, 0.6, 0.8))
+    assert _cached_rfft_kernel.cache_info().hits == hits + 1
+    torch.testing.assert_close(second, 2.0 * first)
+    kernel = dipole_kernel((24, 20, 16), (1.0, 1.0, 1.5), (0.0, 0.6, 0.8), rfft=True)
+    torch.testing.assert_close(
+        _cached_rfft_kernel((24, 20, 16), (1.0, 1.0, 1.5), (0.0, 0.6, 0.8), torch.device("cpu"), torch.float32), kernel
+    )
+
+
 def test_forward_field_mask_demeans_and_batches():
     gen = torch.Generator().manual_seed(0)
     chi = torch.randn(2, 1, 16, 16, 16, generator=gen)

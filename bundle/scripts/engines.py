@@ -25,6 +25,8 @@ from monai.handlers import CheckpointSaver
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from .networks import resolve_autocast
+
 __all__ = [
     "QSMLoss",
     "gradient_penalty",
@@ -136,7 +138,8 @@ class WGANGPTrainer(Trainer):
         lambda_gp: gradient-penalty weight (10).
         lambda_adv: adversarial weight of the generator loss (1e-3).
         l1_weight: weight of the supervised term (1).
-        amp: bfloat16 autocast for the forward passes (GPU or CPU with AMX); the penalty is computed in float32.
+        amp: bfloat16 autocast for the forward passes: ``True``, ``False`` or ``"auto"`` (where
+            :func:`scripts.networks.bf16_supported` says it is fast on ``device``); the penalty is computed in float32.
         seed: seed of the interpolation weights ε.
         train_handlers: Ignite/MONAI handlers, as for ``SupervisedTrainer``.
         decollate: as for ``SupervisedTrainer``: decollate the batch and the output into per-sample dicts (with the
@@ -163,7 +166,7 @@ class WGANGPTrainer(Trainer):
         lambda_gp: float = 10.0,
         lambda_adv: float = 1e-3,
         l1_weight: float = 1.0,
-        amp: bool = False,
+        amp: bool | str = False,
         seed: int = 0,
         train_handlers=None,
         non_blocking: bool = False,
@@ -186,7 +189,7 @@ class WGANGPTrainer(Trainer):
         self.optimizer, self.critic_optimizer = optimizer, critic_optimizer
         self.supervised_loss = supervised_loss if supervised_loss is not None else QSMLoss()
         self.n_critic, self.lambda_gp, self.lambda_adv = int(n_critic), float(lambda_gp), float(lambda_adv)
-        self.l1_weight, self.use_autocast = float(l1_weight), bool(amp)
+        self.l1_weight, self.use_autocast = float(l1_weight), resolve_autocast(amp, device)
         self.eps_generator = torch.Generator().manual_seed(int(seed))
 
     def _autocast(self, device: torch.device):

@@ -12,6 +12,7 @@ Conventions (see ``bundle/docs/README.md``):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -119,6 +120,22 @@ def _pad_amounts(shape: Sequence[int], pad: float | Sequence[int]) -> list[int]:
     return amounts
 
 
+_KERNEL_CACHE_MAX_VOXELS = 1 << 23  # kernels up to 32 MB (float32) are kept: training patches, not whole heads
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_rfft_kernel(shape, voxel, b0, device, dtype) -> torch.Tensor:
+    return dipole_kernel(shape, voxel, b0, device=device, dtype=dtype, rfft=True)
+
+
+def _rfft_kernel(shape, voxel, b0, device, dtype) -> torch.Tensor:
+    """Half-spectrum dipole kernel; small ones (a training stream simulates thousands of equal regions) come from
+    a cache and must not be modified in place."""
+    if math.prod(shape[:2]) * (shape[2] // 2 + 1) <= _KERNEL_CACHE_MAX_VOXELS:
+        return _cached_rfft_kernel(shape, voxel, b0, torch.device(device), dtype)
+    return dipole_kernel(shape, voxel, b0, device=device, dtype=dtype, rfft=True)
+
+
 def forward_field(
     chi: torch.Tensor,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
@@ -152,7 +169,8 @@ def forward_field(
     px, py, pz = _pad_amounts(shape, pad)
     padded = torch.nn.functional.pad(chi, (pz, pz, py, py, px, px)) if px or py or pz else chi
     pshape = padded.shape[-3:]
-    kernel = dipole_kernel(pshape, voxel_size, b0_direction, device=chi.device, dtype=chi.dtype, rfft=True)
+    voxel, b0 = _check_triplet("voxel_size", voxel_size), _unit_vector(b0_direction)
+    kernel = _rfft_kernel(tuple(pshape), voxel, b0, chi.device, chi.dtype)
     field = torch.fft.irfftn(kernel * torch.fft.rfftn(padded, dim=(-3, -2, -1)), s=pshape, dim=(-3, -2, -1))
     field = field[..., px : px + shape[0], py : py + shape[1], pz : pz + shape[2]]
     if mask is not None:

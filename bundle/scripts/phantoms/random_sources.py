@@ -129,13 +129,21 @@ class RandomSourcePhantom:
         hi = torch.minimum(hi, torch.tensor(chi.shape))
         if bool((hi <= lo).any()):
             return
+        # coordinates in the source frame by broadcasting the three axes (no (x, y, z, 3) grid, no matmul)
+        rot32 = (rot / semi_mm[None, :]).to(dtype=torch.float32).tolist()  # row j: axis j → scaled frame
         axes = [
             (torch.arange(int(a), int(b), device=chi.device, dtype=torch.float32) * float(v) - float(c))
             for a, b, v, c in zip(lo, hi, vox, center)
         ]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (x, y, z, 3) mm from the centre
-        local = grid @ rot.to(device=chi.device, dtype=torch.float32)  # coordinates in the source frame
-        local = local / semi_mm.to(device=chi.device, dtype=torch.float32)
-        inside = (local.square().sum(-1) <= 1.0) if kind != "cuboid" else (local.abs().amax(-1) <= 1.0)
+        ax, ay, az = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+        if kind == "sphere":
+            r = 1.0 / float(semi_mm[0])
+            inside = (ax * r).square() + (ay * r).square() + (az * r).square() <= 1.0
+        else:
+            local = [ax * rot32[0][i] + ay * rot32[1][i] + az * rot32[2][i] for i in range(3)]
+            if kind == "cuboid":
+                inside = (local[0].abs() <= 1.0) & (local[1].abs() <= 1.0) & (local[2].abs() <= 1.0)
+            else:
+                inside = local[0].square() + local[1].square() + local[2].square() <= 1.0
         region = chi[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         region[inside] = value
