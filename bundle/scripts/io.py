@@ -919,6 +919,9 @@ def dipole_residual(
     return r, _norm_ratio(r, b)
 
 
+DC_SOLVERS = ("cg", "closed_form")
+
+
 def data_consistency(
     chi_net: torch.Tensor,
     field: torch.Tensor,
@@ -929,29 +932,52 @@ def data_consistency(
     pad: float | Sequence[int] = 0.5,
     fill: str = "network",
     net_field: torch.Tensor | None = None,
+    solver: str = "closed_form",
+    iterations: int = 30,
+    tol: float = 1e-4,
+    cg_pad: float | Sequence[int] = 0.125,
 ) -> torch.Tensor:
-    """Closed-form data-consistency refinement of a network's χ (all in ppm, zero-padded like ``forward_field``).
+    """Data-consistency refinement of a network's χ (all in ppm): χ close to χ_net whose field matches b.
 
-    χ = F⁻¹[(D·F(b) + μ·F(χ_net)) / (D² + μ)], the minimiser of ‖D⊛χ − b‖² + μ‖χ − χ_net‖² over the padded grid,
-    masked. μ → ∞ gives χ_net back; μ → 0 gives F(b)/D where D is well conditioned (TKD without a threshold) and
-    χ_net's own components only where D ≈ 0 (the magic-angle cone and k = 0).
+    ``solver="cg"``: χ = argmin ‖P(D⊛χ) − b‖² + μ‖χ − χ_net‖² over χ supported in the mask, where P keeps the mask
+    and removes the mean there (a local field is measured only inside the mask and only up to a constant). The
+    normal equations (M D P D M + μM) χ = M D b + μ M χ_net are solved by conjugate gradients from χ_net
+    (``iterations`` at most, relative tolerance ``tol``) on a grid zero-padded by ``cg_pad`` (rounded up to fast FFT
+    sizes; 0.125 and 0.5 gave the same NRMSE to 0.01 points on a validation brain, at a quarter of the time): it is
+    :func:`scripts.baselines.masked_tikhonov` with the network's χ as prior. The support constraint is the physics
+    of a local field: its sources lie inside the mask (those outside are the background field that was removed).
+    This is the default of ``inference.json``.
 
-    The field is measured only inside the mask. ``fill="network"`` takes the network's own field D⊛χ_net outside
-    it (and matches the constant offset inside, which a local field does not determine), so the data term corrects
-    χ only where there is data; ``fill="zero"`` uses b = 0 outside (the plain formula).
+    ``solver="closed_form"``: χ = F⁻¹[(D·F(b) + μ·F(χ_net)) / (D² + μ)], the same problem without the mask in the
+    data term and without the support constraint, which the Fourier domain cannot express. ``fill="network"``
+    takes the network's own field D⊛χ_net outside the mask (and matches the constant offset inside), so the data
+    term corrects χ only where there is data; ``fill="zero"`` uses b = 0 outside (the plain formula). μ → ∞ gives
+    χ_net back; μ → 0 gives F(b)/D where D is well conditioned.
 
     Arguments:
+        chi_net: network χ (ppm), (X, Y, Z).
+        field: local field b (ppm), (X, Y, Z).
+        mask: region where b is measured, (X, Y, Z).
         weight: μ > 0, relative to D² (D ∈ [−2/3, 1/3]).
 
     Keywords:
-        net_field: D⊛χ_net if already computed (:func:`dipole_convolve`, same padding), to save one FFT pair.
+        voxel_size: mm. b0_direction: voxel coordinates. pad: zero padding per side (fraction or voxel counts).
+        net_field: closed form only: D⊛χ_net if already computed (:func:`dipole_convolve`, same padding).
 
-    Memory: about three float32 copies of the padded volume at the peak (no full-size float64).
+    Memory: closed form about three float32 copies of the padded volume at the peak; CG about eight.
     """
     if not weight > 0:
         raise ValueError(f"weight must be > 0, got {weight}")
     if fill not in ("network", "zero"):
         raise ValueError(f"fill must be 'network' or 'zero', got {fill!r}")
+    if solver not in DC_SOLVERS:
+        raise ValueError(f"solver must be one of {DC_SOLVERS}, got {solver!r}")
+    if solver == "cg":
+        from .baselines import masked_tikhonov
+
+        return masked_tikhonov(
+            field, mask, voxel_size, b0_direction, weight, iterations, prior=chi_net, tol=tol, pad=cg_pad
+        ).to(chi_net.device)
     inside = mask > 0
     shape = chi_net.shape[-3:]
     chi_net = chi_net.float() * inside
@@ -978,7 +1004,8 @@ class DataConsistencyd(MapTransform):
     """The physics check on every result: optional refinement, and the dipole residual written beside χ.
 
     On the input grid (field, mask and χ as the user gave them): with ``weight`` μ (``dc_weight``), replace χ by
-    :func:`data_consistency` of it; then compute the residual b − D⊛χ (:func:`dipole_residual`) into
+    :func:`data_consistency` of it (``solver`` ``"cg"``, the mask-weighted problem with ``iterations`` CG steps, or
+    ``"closed_form"``); then compute the residual b − D⊛χ (:func:`dipole_residual`) into
     ``residual_key`` and log ‖r‖/‖b‖ (also recorded for the per-case report). Voxel size and B0 come from the field's
     affine (B0: world z) unless ``b0_direction`` (voxel coordinates) is given.
     """
@@ -993,8 +1020,15 @@ class DataConsistencyd(MapTransform):
         residual_key: str = "residual",
         pad: float = 0.5,
         fill: str = "network",
+        solver: str = "closed_form",
+        iterations: int = 30,
     ) -> None:
         super().__init__(keys)
+        if solver not in DC_SOLVERS:
+            raise InputError(f"dc_solver must be one of {DC_SOLVERS}, got {solver!r}")
+        if int(iterations) < 1:
+            raise InputError(f"dc_iterations must be >= 1, got {iterations!r}")
+        self.solver, self.iterations = solver, int(iterations)
         self.field_key, self.mask_key, self.residual_key = field_key, mask_key, residual_key
         self.weight = _as_float(weight, "dc_weight")
         if self.weight is not None and self.weight <= 0:
@@ -1017,9 +1051,13 @@ class DataConsistencyd(MapTransform):
             info = _info(d)
             record = {"dc_weight": self.weight, "voxel_size_mm": list(voxel), "b0_direction": [float(v) for v in b0]}
             if self.weight is not None:
+                record.update(dc_solver=self.solver, dc_iterations=self.iterations if self.solver == "cg" else None)
+            if self.weight is not None:
                 net_field = dipole_convolve(chi * inside, voxel, b0, self.pad)
                 _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
-                chi = data_consistency(chi, b, inside, self.weight, voxel, b0, self.pad, self.fill, net_field)
+                chi = data_consistency(
+                    chi, b, inside, self.weight, voxel, b0, self.pad, self.fill, net_field, self.solver, self.iterations
+                )
                 del net_field
                 record["residual_ratio_network"] = before
                 out = pred.detach().cpu().clone() if isinstance(pred, torch.Tensor) else torch.as_tensor(pred)
@@ -1039,7 +1077,7 @@ class DataConsistencyd(MapTransform):
             if self.weight is not None:
                 logger.info(
                     f"{case}: residual ‖b − D⊛χ‖/‖b‖ = {ratio:.3f} after data-consistency refinement "
-                    f"(μ = {self.weight:g}; network alone {record['residual_ratio_network']:.3f})"
+                    f"({self.solver}, μ = {self.weight:g}; network alone {record['residual_ratio_network']:.3f})"
                 )
             else:
                 logger.info(f"{case}: residual ‖b − D⊛χ‖/‖b‖ = {ratio:.3f}")
