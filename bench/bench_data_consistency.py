@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=3)
     parser.add_argument("--shape", type=int, nargs=3, default=[112, 112, 96])
     parser.add_argument("--snr", type=float, default=40.0)
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0003, 0.001, 0.01, 0.1])
     parser.add_argument("--tilted", action="store_true", help="add a 1×1×2 mm case tilted by 15°")
     parser.add_argument("--phantom", choices=["random", "brain"], default="random")
     parser.add_argument("--solvers", nargs="+", choices=["closed_form", "cg"], default=["closed_form", "cg"])
