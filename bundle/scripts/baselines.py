@@ -564,7 +564,8 @@ def masked_tikhonov(
         return y.sub_(m * (float(y.sum(dtype=torch.float64)) / count))
 
     def normal(x: torch.Tensor) -> torch.Tensor:
-        return frame.dipole(local(frame.dipole(x * m))).mul_(m).add_(x * m, alpha=lam)
+        xm = x * m
+        return frame.dipole(local(frame.dipole(xm))).mul_(m).add_(xm, alpha=lam)
 
     if prior is None:
         x0 = torch.zeros_like(m)

@@ -1052,7 +1052,6 @@ class DataConsistencyd(MapTransform):
             record = {"dc_weight": self.weight, "voxel_size_mm": list(voxel), "b0_direction": [float(v) for v in b0]}
             if self.weight is not None:
                 record.update(dc_solver=self.solver, dc_iterations=self.iterations if self.solver == "cg" else None)
-            if self.weight is not None:
                 net_field = dipole_convolve(chi * inside, voxel, b0, self.pad)
                 _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
                 chi = data_consistency(
