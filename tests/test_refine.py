@@ -33,7 +33,7 @@ def test_residual_of_the_true_chi_is_at_noise_level():
 
 
 def closed(chi_net, field, mask, weight, voxel, b0, **kw):
-    return data_consistency(chi_net, field, mask, weight, voxel, b0, solver="closed_form", iterations=1, **kw)
+    return data_consistency(chi_net, field, mask, weight, voxel, b0, solver="closed_form", **kw)
 
 
 def test_refinement_limits():
@@ -82,6 +82,8 @@ def test_masked_cg_refinement():
     assert scores[2] < scores[1] < scores[0], scores
     with pytest.raises(ValueError, match="solver must be one of"):
         data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="lsqr", iterations=1)
+    with pytest.raises(ValueError, match="needs iterations"):
+        data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg")
     with pytest.raises(InputError, match="dc_solver"):
         DataConsistencyd(weight=0.01, solver="admm", iterations=1)
 
@@ -97,5 +99,7 @@ def test_the_refinement_has_no_defaults_of_its_own():
     assert (config["dc_weight"], config["dc_solver"], config["dc_iterations"]) == (3e-4, "cg", 60)
     for fn in (data_consistency, DataConsistencyd.__init__):
         params = inspect.signature(fn).parameters
-        for name in ("weight", "solver", "iterations"):
+        for name in ("weight", "solver"):
             assert params[name].default is inspect.Parameter.empty, (fn, name)
+    assert inspect.signature(DataConsistencyd.__init__).parameters["iterations"].default is inspect.Parameter.empty
+    assert inspect.signature(data_consistency).parameters["iterations"].default is None  # needed by "cg" only

@@ -76,7 +76,7 @@ def data_consistency(
     b0_direction: Sequence[float],
     *,
     solver: str,
-    iterations: int,
+    iterations: int | None = None,
     pad: float | Sequence[int] = 0.5,
     fill: str = "network",
     net_field: torch.Tensor | None = None,
@@ -107,7 +107,8 @@ def data_consistency(
         voxel_size: mm. b0_direction: voxel coordinates.
 
     Keywords:
-        solver: ``"cg"`` or ``"closed_form"``; iterations: CG iterations (both set in ``inference.json``).
+        solver: ``"cg"`` or ``"closed_form"``; iterations: CG iterations, needed by ``"cg"`` (``inference.json``
+            sets both).
         pad: closed form: zero padding per side (fraction or voxel counts).
         net_field: closed form only: D⊛χ_net if already computed (same padding).
 
@@ -120,6 +121,8 @@ def data_consistency(
     if solver not in DC_SOLVERS:
         raise ValueError(f"solver must be one of {DC_SOLVERS}, got {solver!r}")
     if solver == "cg":
+        if iterations is None:
+            raise ValueError("solver 'cg' needs iterations (inference.json: dc_iterations)")
         return masked_tikhonov(
             field, mask, voxel_size, b0_direction, weight, iterations, prior=chi_net, tol=tol, pad=cg_pad
         ).to(chi_net.device)
