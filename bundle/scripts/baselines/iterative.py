@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..physics import demean_in_mask
 from .common import (
     DEFAULT_PAD,
     Frame,
@@ -88,15 +89,11 @@ def masked_tikhonov(
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)  # b demeaned in the mask, zero outside
     m = frame.m.to(dtype)
-    count = float(m.sum())
-
-    def local(y: torch.Tensor) -> torch.Tensor:  # P: inside the mask, minus its mean there
-        y = y * m
-        return y.sub_(m * (float(y.sum(dtype=torch.float64)) / count))
 
     def normal(x: torch.Tensor) -> torch.Tensor:
         xm = x * m
-        return frame.dipole(local(frame.dipole(xm))).mul_(m).add_(xm, alpha=lam)
+        local = demean_in_mask(frame.dipole(xm), frame.m, inplace=True)  # P: inside the mask, minus its mean there
+        return frame.dipole(local).mul_(m).add_(xm, alpha=lam)
 
     if prior is None:
         x0 = torch.zeros_like(m)
