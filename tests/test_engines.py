@@ -1,8 +1,10 @@
 """Engines: supervised loss, WGAN-GP penalty and updates, resume handler, and the GAN stage through the bundle."""
 
+import copy
+
 import pytest
 import torch
-from conftest import TINY, bundle_run
+from conftest import BUNDLE, TINY, bundle_run
 from torch import nn
 
 from scripts.engines import QSMLoss, ResumeFromCheckpoint, WGANGPTrainer, gradient_penalty
@@ -125,3 +127,179 @@ def test_gan_stage_through_the_bundle_and_resume(tmp_path):
     assert "resumed from" in log and "at iteration 1" in log
     ckpt = torch.load(out / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GAN step: n_critic critic updates per generator update, and the generator's loss
+
+
+def test_n_critic_updates_per_generator_update_and_generator_loss():
+    from ignite.engine import Events
+
+    trainer, generator, critic = tiny_gan()
+    trainer.n_critic, trainer.lambda_adv = 3, 0.5  # a large λ_adv: the adversarial term shows in the total
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        {"image": torch.randn(2, 1, 32, 32, 32, generator=gen) * 0.05, "label": torch.randn(2, 1, 16, 16, 16) * 0.1}
+        for _ in range(2)
+    ]
+    trainer.data_loader = batches
+    trainer.state.epoch_length = len(batches)
+    calls, expected = [], []
+    critic_step, generator_step = trainer.critic_optimizer.step, trainer.optimizer.step
+
+    def count_critic(*a, **k):
+        calls.append("critic")
+        return critic_step(*a, **k)
+
+    def check_generator(*a, **k):
+        # the loss the engine minimised, computed independently from the same batch and the current parameters
+        calls.append("generator")
+        batch = batches[trainer.state.iteration - 1]
+        g = copy.deepcopy(generator).train()  # a copy: the same BatchNorm batch statistics, no side effect
+        with torch.no_grad():
+            pred = g(batch["image"])
+            l1 = (pred - batch["label"]).abs().mean()
+            adversarial = -critic(pred).mean()
+        expected.append((l1 + 0.5 * adversarial, 0.5 * adversarial))
+        return generator_step(*a, **k)
+
+    trainer.critic_optimizer.step, trainer.optimizer.step = count_critic, check_generator
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[0]["loss"]))
+    trainer.run()
+    assert calls == (["critic"] * 3 + ["generator"]) * 2
+    for loss, (total, adversarial) in zip(losses, expected):
+        assert abs(float(adversarial)) > 1e-4 * abs(float(total))  # the adversarial term is not negligible
+        assert torch.allclose(torch.as_tensor(loss), total, rtol=1e-5, atol=1e-7), (loss, total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume: every state restored, tensor by tensor; the data stream continues at the right sample
+
+STAGE2 = ["train.json", "train_gan.json"]
+
+
+def workflow(configs, out, **overrides):
+    """A tiny training of the bundle's configs, parsed in this process (no validation unless ``validate``)."""
+    from monai.bundle import ConfigParser
+
+    validate = overrides.pop("validate", False)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
+    settings = {
+        "bundle_root": str(BUNDLE),
+        "device": "$torch.device('cpu')",
+        "output_dir": str(out),
+        "features": [4, 4, 8, 8, 8, 4],
+        "patch_size": 32,
+        "batch_size": 2,
+        "iterations_per_epoch": 2,
+        "epochs": 1,
+        "phantoms": [{"_target_": "scripts.phantoms.RandomSourcePhantom"}],
+        "phantom_weights": [1.0],
+        "autocast": False,
+        "pretrained": None,
+        "num_val_cases": 1,
+        "val_shape": [36, 36, 30],
+        "critic_channels": 4,
+        "n_critic": 2,
+    }
+    for key, value in {**settings, **overrides}.items():
+        parser[key] = value
+    if not validate:
+        parser["train#handlers"] = [h for h in parser["train#handlers"] if h["_target_"] != "ValidationHandler"]
+    torch.manual_seed(0)
+    parser.parse()
+    return parser
+
+
+def record_batches(parser):
+    from ignite.engine import Events
+
+    trainer, batches = parser.get_parsed_content("train#trainer"), {}
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: batches.setdefault(e.state.iteration, e.state.batch["image"].clone())
+    )
+    return trainer, batches
+
+
+def capture_at_start(parser, names):
+    """Copies of the named objects' state dicts, the engine's position and the stream's start, once the run's
+    own start handlers (resume, stream position) have run."""
+    from ignite.engine import Events
+
+    trainer, seen = record_batches(parser)
+
+    def probe(engine):
+        seen["state"] = {n: copy.deepcopy(parser.get_parsed_content(n).state_dict()) for n in names}
+        seen["position"] = (engine.state.iteration, engine.state.epoch)
+        seen["stream_start"] = parser.get_parsed_content("train#synthetic").start
+        seen["lr"] = [g["lr"] for g in parser.get_parsed_content("optimizer").param_groups]
+
+    trainer.add_event_handler(Events.STARTED, probe)
+    return trainer, seen
+
+
+def assert_equal_states(restored, saved, name):
+    if isinstance(saved, torch.Tensor):
+        assert isinstance(restored, torch.Tensor) and torch.equal(restored, saved), name
+    elif isinstance(saved, dict):
+        assert set(restored) == set(saved), (name, set(restored) ^ set(saved))
+        for key in saved:
+            assert_equal_states(restored[key], saved[key], f"{name}.{key}")
+    elif isinstance(saved, (list, tuple)):
+        assert len(restored) == len(saved), name
+        for i, (r, s) in enumerate(zip(restored, saved)):
+            assert_equal_states(r, s, f"{name}[{i}]")
+    else:
+        assert restored == saved, (name, restored, saved)
+
+
+@pytest.mark.parametrize(
+    "configs, objects",
+    [
+        (["train.json"], {"model": "network", "optimizer": "optimizer", "lr_scheduler": "lr_scheduler"}),
+        (
+            STAGE2,
+            {
+                "model": "network",
+                "critic": "critic_network",
+                "optimizer": "optimizer",
+                "critic_optimizer": "critic_optimizer",
+                "lr_scheduler": "lr_scheduler",
+            },
+        ),
+    ],
+    ids=["stage1", "stage2"],
+)
+def test_resume_restores_every_state(tmp_path, configs, objects):
+    from ignite.engine import Events
+
+    # the uninterrupted run: 2 epochs of 2 iterations
+    reference = workflow(configs, tmp_path / "whole", epochs=2)
+    trainer, reference_batches = record_batches(reference)
+    trainer.run()
+    reference_final = copy.deepcopy(reference.get_parsed_content("network").state_dict())
+
+    # the same run interrupted after epoch 1 (its checkpoint), then resumed in a fresh workflow
+    interrupted = workflow(configs, tmp_path / "run", epochs=2).get_parsed_content("train#trainer")
+    interrupted.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
+    interrupted.run()
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 2 and saved["optimizer"]["state"]  # Adam moments were saved
+    resumed = workflow(configs, tmp_path / "run", epochs=2)
+    trainer, seen = capture_at_start(resumed, list(objects.values()))
+    trainer.run()
+
+    for key, name in objects.items():
+        assert_equal_states(seen["state"][name], saved[key], key)  # weights, Adam moments and steps, schedule
+    assert seen["position"] == (saved["trainer"]["iteration"], 1) == (2, 1)
+    assert seen["stream_start"] == 2 * 2  # iteration × batch_size, set by StreamPosition
+    # the first batch after the resume is the batch the uninterrupted run drew at iteration 3
+    assert torch.equal(seen[3], reference_batches[3])
+    assert not torch.equal(seen[3], reference_batches[1])
+    # and the resumed run ends where the uninterrupted one ended
+    final = resumed.get_parsed_content("network").state_dict()
+    for key, value in reference_final.items():
+        assert torch.allclose(final[key].float(), value.float(), rtol=1e-5, atol=1e-6), key
