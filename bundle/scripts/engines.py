@@ -521,9 +521,17 @@ class ResumeFromCheckpoint:
                 warnings.simplefilter("ignore")
                 for _ in range(engine.state.epoch - scheduler.last_epoch):
                     scheduler.step()
-            saved = (record.get("lr_scheduler") or {}).get("last_epoch")
-            if saved is not None and saved != scheduler.last_epoch:
-                logger.warning(f"{side}: schedule at epoch {saved} there, replayed to {scheduler.last_epoch} here")
+            saved = record.get("lr_scheduler") or {}
+            if saved.get("last_epoch") is not None and saved["last_epoch"] != scheduler.last_epoch:
+                logger.warning(f"{side}: schedule at epoch {saved['last_epoch']} there, {scheduler.last_epoch} here")
+            here = _json_safe(scheduler.state_dict())
+            differ = [k for k in ("base_lrs", "T_max", "eta_min") if k in saved and k in here and saved[k] != here[k]]
+            if differ:
+                logger.warning(
+                    f"{side}: the schedule differs from this run's in "
+                    + ", ".join(f"{k} ({saved[k]} there, {here[k]} here)" for k in differ)
+                    + ": pass the original --learning_rate/--epochs to continue the same schedule"
+                )
         logger.info(
             f"resumed from weights {path} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
             f"optimizer state (Adam moments) is not in the weights and is rebuilt from zero"
