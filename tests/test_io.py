@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, bundle_run
+from conftest import TINY_NET, bundle_run
 from monai.data import MetaTensor
 
 from scripts.data import scanner_affine, simulate_case
@@ -71,7 +71,7 @@ def infer(checkpoint, out, *args, expect_ok=True):
         str(checkpoint),
         "--output_dir",
         str(out),
-        *TINY,
+        *TINY_NET,
         *args,
         expect_ok=expect_ok,
     )
