@@ -419,7 +419,9 @@ def test_sidecar_beside_saved_weights_and_resume_from_weights(tmp_path, caplog):
     assert not seen["state"]["optimizer"]["state"]  # rebuilt, as the log says
     # without a sidecar the weights cannot say where the training was
     (tmp_path / "bare.pt").write_bytes(weights.read_bytes())
-    handler = ResumeFromCheckpoint(str(tmp_path / "none"), {"model": tiny_generator()}, resume_weights=str(tmp_path / "bare.pt"))
+    handler = ResumeFromCheckpoint(
+        str(tmp_path / "none"), {"model": tiny_generator()}, resume_weights=str(tmp_path / "bare.pt")
+    )
     with pytest.raises(FileNotFoundError, match="--pretrained"):
         handler(FakeEngine())
 

@@ -37,8 +37,8 @@ def evaluation(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4))).state_dict(), tmp / "model.pt")
     out = tmp / "eval"
-    args = ["--config_file", CONFIGS, "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(out), *TINY_NET, *TINY_SET]
-    args += ["--save_maps", "true"]
+    args = ["--config_file", CONFIGS, "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(out), *TINY_NET]
+    args += [*TINY_SET, "--save_maps", "true"]
     with pytest.MonkeyPatch.context() as mp:
         # tiny volumes: one thread avoids the thread hand-offs that dominate on a busy 2-core machine
         mp.setenv("OMP_NUM_THREADS", "1")

@@ -390,7 +390,7 @@ def select_pretrained(candidates: str | Sequence[str] | None) -> str | None:
 
 
 def sidecar_path(weights_path: str) -> str:
-    """``model.json`` beside ``model.pt``: what a saved generator's training had reached (see :class:`WeightsSidecar`)."""
+    """``model.json`` beside ``model.pt``: how far a saved generator's training had got (:class:`WeightsSidecar`)."""
     return os.path.splitext(weights_path)[0] + ".json"
 
 
@@ -725,10 +725,10 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
 
     MONAI's CLI accepts any ``--key value`` and silently ignores keys that no config uses, so a typo such as
     ``--dc_wieght 0.01`` would run with the default. Called first in every config's ``initialize``
-    (``{"_target_": "scripts.engines.check_overrides"}``), it compares the command line's keys (and an ``--args_file``'s)
-    with the ids of the merged ``--config_file`` configs (nested ids with ``#`` or ``::``; with ``--tracking mlflow``
-    also MONAI's tracking settings) and raises ``ValueError: unknown option --dc_wieght; did you mean
-    --dc_weight?``. MONAI's own options (``config_file``, ``meta_file``, ``logging_file``, ``args_file``,
+    (``{"_target_": "scripts.engines.check_overrides"}``), it compares the command line's keys (and an
+    ``--args_file``'s) with the ids of the merged ``--config_file`` configs (nested ids with ``#`` or ``::``; with
+    ``--tracking mlflow`` also MONAI's tracking settings) and raises ``ValueError: unknown option --dc_wieght; did
+    you mean --dc_weight?``. MONAI's own options (``config_file``, ``meta_file``, ``logging_file``, ``args_file``,
     ``run_id``/``init_id``/``final_id``, ``tracking``) are allowed. Does nothing without ``--config_file`` on the
     command line (e.g. when a config is parsed in a test).
 
