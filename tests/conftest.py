@@ -8,8 +8,11 @@ import sys
 BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
-#: Override that makes the generator tiny for smoke runs.
-TINY = ["--features", "[4,4,8,8,8,4]", "--brain_pool_size", "1"]
+#: Override that makes the generator tiny (every workflow defines ``features``).
+TINY_NET = ["--features", "[4,4,8,8,8,4]"]
+#: Overrides that make a training tiny for smoke runs (``brain_pool_size`` exists in the training configs only:
+#: an override that no config defines is refused, see ``scripts.engines.check_overrides``).
+TINY = [*TINY_NET, "--brain_pool_size", "1"]
 
 
 def bundle_run(*args, timeout=600, expect_ok=True):
@@ -73,7 +76,7 @@ def infer(checkpoint, out, *args, expect_ok=True):
         str(checkpoint),
         "--output_dir",
         str(out),
-        *TINY,
+        *TINY_NET,
         *args,
         expect_ok=expect_ok,
     )

@@ -5,7 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import torch
-from conftest import TINY, bundle_run
+from conftest import TINY, TINY_NET, bundle_run
 
 from scripts.networks import QSMGenerator, qsmgan_unet
 
@@ -70,7 +70,7 @@ def test_inference_writes_chi_with_input_affine(tmp_path):
         str(tmp_path / "model.pt"),
         "--output_dir",
         str(out),
-        *TINY,
+        *TINY_NET,
         # on the input's own grid (no resampling to 1 mm, no rotation) and without the data-consistency refinement,
         # so that one tile of the network's output can be checked below
         "--voxel_size",

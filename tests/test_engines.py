@@ -1,8 +1,11 @@
 """Engines: supervised loss, WGAN-GP penalty and updates, resume handler, and the GAN stage through the bundle."""
 
+import copy
+import json
+
 import pytest
 import torch
-from conftest import TINY, bundle_run
+from conftest import BUNDLE, TINY, bundle_run
 from torch import nn
 
 from scripts.engines import QSMLoss, ResumeFromCheckpoint, WGANGPTrainer, gradient_penalty
@@ -125,3 +128,359 @@ def test_gan_stage_through_the_bundle_and_resume(tmp_path):
     assert "resumed from" in log and "at iteration 1" in log
     ckpt = torch.load(out / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GAN step: n_critic critic updates per generator update, and the generator's loss
+
+
+def test_n_critic_updates_per_generator_update_and_generator_loss():
+    from ignite.engine import Events
+
+    trainer, generator, critic = tiny_gan()
+    trainer.n_critic, trainer.lambda_adv = 3, 0.5  # a large λ_adv: the adversarial term shows in the total
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        {"image": torch.randn(2, 1, 32, 32, 32, generator=gen) * 0.05, "label": torch.randn(2, 1, 16, 16, 16) * 0.1}
+        for _ in range(2)
+    ]
+    trainer.data_loader = batches
+    trainer.state.epoch_length = len(batches)
+    calls, expected = [], []
+    critic_step, generator_step = trainer.critic_optimizer.step, trainer.optimizer.step
+
+    def count_critic(*a, **k):
+        calls.append("critic")
+        return critic_step(*a, **k)
+
+    def check_generator(*a, **k):
+        # the loss the engine minimised, computed independently from the same batch and the current parameters
+        calls.append("generator")
+        batch = batches[trainer.state.iteration - 1]
+        g = copy.deepcopy(generator).train()  # a copy: the same BatchNorm batch statistics, no side effect
+        with torch.no_grad():
+            pred = g(batch["image"])
+            l1 = (pred - batch["label"]).abs().mean()
+            adversarial = -critic(pred).mean()
+        expected.append((l1 + 0.5 * adversarial, 0.5 * adversarial))
+        return generator_step(*a, **k)
+
+    trainer.critic_optimizer.step, trainer.optimizer.step = count_critic, check_generator
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[0]["loss"]))
+    trainer.run()
+    assert calls == (["critic"] * 3 + ["generator"]) * 2
+    for loss, (total, adversarial) in zip(losses, expected):
+        assert abs(float(adversarial)) > 1e-4 * abs(float(total))  # the adversarial term is not negligible
+        assert torch.allclose(torch.as_tensor(loss), total, rtol=1e-5, atol=1e-7), (loss, total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume: every state restored, tensor by tensor; the data stream continues at the right sample
+
+STAGE2 = ["train.json", "train_gan.json"]
+
+
+def workflow(configs, out, **overrides):
+    """A tiny training of the bundle's configs, parsed in this process (no validation unless ``validate``)."""
+    from monai.bundle import ConfigParser
+
+    validate = overrides.pop("validate", False)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
+    settings = {
+        "bundle_root": str(BUNDLE),
+        "device": "$torch.device('cpu')",
+        "output_dir": str(out),
+        "features": [4, 4, 8, 8, 8, 4],
+        "patch_size": 32,
+        "batch_size": 2,
+        "iterations_per_epoch": 2,
+        "epochs": 1,
+        "phantoms": [{"_target_": "scripts.phantoms.RandomSourcePhantom"}],
+        "phantom_weights": [1.0],
+        "autocast": False,
+        "pretrained": None,
+        "num_val_cases": 1,
+        "val_shape": [36, 36, 30],
+        "critic_channels": 4,
+        "n_critic": 2,
+    }
+    for key, value in {**settings, **overrides}.items():
+        parser[key] = value
+    if not validate:
+        parser["train#handlers"] = [h for h in parser["train#handlers"] if h["_target_"] != "ValidationHandler"]
+    torch.manual_seed(0)
+    parser.parse()
+    return parser
+
+
+def record_batches(parser):
+    from ignite.engine import Events
+
+    trainer, batches = parser.get_parsed_content("train#trainer"), {}
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: batches.setdefault(e.state.iteration, e.state.batch["image"].clone())
+    )
+    return trainer, batches
+
+
+def capture_at_start(parser, names):
+    """Copies of the named objects' state dicts, the engine's position and the stream's start, once the run's
+    own start handlers (resume, stream position) have run."""
+    from ignite.engine import Events
+
+    trainer, seen = record_batches(parser)
+
+    def probe(engine):
+        seen["state"] = {n: copy.deepcopy(parser.get_parsed_content(n).state_dict()) for n in names}
+        seen["position"] = (engine.state.iteration, engine.state.epoch)
+        seen["stream_start"] = parser.get_parsed_content("train#synthetic").start
+        seen["lr"] = [g["lr"] for g in parser.get_parsed_content("optimizer").param_groups]
+
+    trainer.add_event_handler(Events.STARTED, probe)
+    return trainer, seen
+
+
+def assert_equal_states(restored, saved, name):
+    if isinstance(saved, torch.Tensor):
+        assert isinstance(restored, torch.Tensor) and torch.equal(restored, saved), name
+    elif isinstance(saved, dict):
+        assert set(restored) == set(saved), (name, set(restored) ^ set(saved))
+        for key in saved:
+            assert_equal_states(restored[key], saved[key], f"{name}.{key}")
+    elif isinstance(saved, (list, tuple)):
+        assert len(restored) == len(saved), name
+        for i, (r, s) in enumerate(zip(restored, saved)):
+            assert_equal_states(r, s, f"{name}[{i}]")
+    else:
+        assert restored == saved, (name, restored, saved)
+
+
+@pytest.mark.parametrize(
+    "configs, objects",
+    [
+        (["train.json"], {"model": "network", "optimizer": "optimizer", "lr_scheduler": "lr_scheduler"}),
+        (
+            STAGE2,
+            {
+                "model": "network",
+                "critic": "critic_network",
+                "optimizer": "optimizer",
+                "critic_optimizer": "critic_optimizer",
+                "lr_scheduler": "lr_scheduler",
+            },
+        ),
+    ],
+    ids=["stage1", "stage2"],
+)
+def test_resume_restores_every_state(tmp_path, configs, objects):
+    from ignite.engine import Events
+
+    # the uninterrupted run: 2 epochs of 2 iterations
+    reference = workflow(configs, tmp_path / "whole", epochs=2)
+    trainer, reference_batches = record_batches(reference)
+    trainer.run()
+    reference_final = copy.deepcopy(reference.get_parsed_content("network").state_dict())
+
+    # the same run interrupted after epoch 1 (its checkpoint), then resumed in a fresh workflow
+    interrupted = workflow(configs, tmp_path / "run", epochs=2).get_parsed_content("train#trainer")
+    interrupted.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
+    interrupted.run()
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 2 and saved["optimizer"]["state"]  # Adam moments were saved
+    resumed = workflow(configs, tmp_path / "run", epochs=2)
+    trainer, seen = capture_at_start(resumed, list(objects.values()))
+    trainer.run()
+
+    for key, name in objects.items():
+        assert_equal_states(seen["state"][name], saved[key], key)  # weights, Adam moments and steps, schedule
+    assert seen["position"] == (saved["trainer"]["iteration"], 1) == (2, 1)
+    assert seen["stream_start"] == 2 * 2  # iteration × batch_size, set by StreamPosition
+    # the first batch after the resume is the batch the uninterrupted run drew at iteration 3
+    assert torch.equal(seen[3], reference_batches[3])
+    assert not torch.equal(seen[3], reference_batches[1])
+    # and the resumed run ends where the uninterrupted one ended
+    final = resumed.get_parsed_content("network").state_dict()
+    for key, value in reference_final.items():
+        assert torch.allclose(final[key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading weights: the file is named, and a file that does not fit is refused in one line
+
+
+class FakeEngine:
+    class state:
+        iteration, epoch, max_epochs, epoch_length = 0, 0, 1, None
+
+
+def tiny_generator(features=(4, 4, 8, 8, 8, 4)):
+    torch.manual_seed(0)
+    return QSMGenerator(qsmgan_unet(features=features))
+
+
+def test_unfitting_weights_are_refused_in_one_line_naming_the_file(tmp_path, caplog):
+    other = tmp_path / "other_features.pt"
+    torch.save(tiny_generator((8, 8, 8, 8, 8, 4)).state_dict(), other)
+    handler = ResumeFromCheckpoint(str(tmp_path / "none"), {"model": tiny_generator()}, pretrained=str(other))
+    with pytest.raises(ValueError) as error:
+        handler(FakeEngine())
+    message = str(error.value)
+    assert str(other) in message and "does not fit the network" in message and "differ in shape" in message
+    assert "\n" not in message and len(message) < 500 and error.value.__context__ is None
+
+    # a run's own checkpoint: its path is logged before loading; a network that does not fit it is refused
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    path = ckpt_dir / "checkpoint_epoch=1.pt"
+    torch.save({"model": torch.load(other, weights_only=True), "trainer": {"iteration": 2, "epoch_length": 2}}, path)
+    handler = ResumeFromCheckpoint(str(ckpt_dir), {"model": tiny_generator()})
+    with caplog.at_level("INFO", logger="scripts.engines"), pytest.raises(ValueError) as error:
+        handler(FakeEngine())
+    assert f"resuming from checkpoint {path}" in caplog.text
+    assert str(path) in str(error.value) and "does not fit" in str(error.value) and "\n" not in str(error.value)
+    # a checkpoint of the other stage (no critic) is refused by name too
+    handler = ResumeFromCheckpoint(str(ckpt_dir), {"model": tiny_generator(), "critic": QSMCritic(channels=4)})
+    with pytest.raises(ValueError, match=r"lacks \['critic'\]"):
+        handler(FakeEngine())
+
+
+def test_stage2_without_a_stage1_run_starts_from_the_shipped_weights(tmp_path, caplog):
+    from monai.bundle import ConfigParser
+
+    # train_gan.json: stage 1's own run if there is one, else the shipped models/model.pt
+    root = tmp_path / "fresh_clone"
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in STAGE2])
+    parser["bundle_root"] = str(root)
+    candidates = parser.get_parsed_content("pretrained")
+    assert candidates == [f"{root}/runs/stage1/checkpoints/model.pt", f"{root}/models/model.pt"]
+    candidates = [candidates[0], str(BUNDLE / "models" / "model.pt")]  # the real shipped file
+    generator = QSMGenerator(qsmgan_unet())  # the shipped features
+    handler = ResumeFromCheckpoint(str(root / "checkpoints"), {"model": generator}, pretrained=candidates)
+    with caplog.at_level("INFO", logger="scripts.engines"):
+        handler(FakeEngine())
+    assert f"starting from {candidates[1]} ({candidates[0]} does not exist)" in caplog.text
+    shipped = torch.load(BUNDLE / "models" / "model.pt", weights_only=True)
+    for key, value in generator.state_dict().items():
+        assert value.dtype == (torch.float32 if value.is_floating_point() else value.dtype)
+        assert torch.equal(value, shipped[key].to(value.dtype)), key
+    # stage 1's run, once there, comes first
+    (root / "runs" / "stage1" / "checkpoints").mkdir(parents=True)
+    torch.save(tiny_generator().state_dict(), candidates[0])
+    tiny = tiny_generator((8, 8, 8, 8, 8, 4))
+    handler = ResumeFromCheckpoint(str(root / "checkpoints"), {"model": tiny}, pretrained=candidates)
+    with pytest.raises(ValueError, match="stage1/checkpoints/model.pt does not fit the network"):
+        handler(FakeEngine())
+
+
+def test_stage2_on_a_fresh_clone_through_the_bundle(tmp_path):
+    """The CLI names the shipped file it starts from (here refused: --features of a tiny network do not fit it)."""
+    root = tmp_path / "clone"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "model.pt").symlink_to(BUNDLE / "models" / "model.pt")
+    args = ["--config_file", "['configs/train.json','configs/train_gan.json']", "--bundle_root", str(root)]
+    result = bundle_run("training", *args, *TINY, "--epochs", "1", "--iterations_per_epoch", "1", expect_ok=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"pretrained weights {root}/models/model.pt does not fit the network" in log
+    assert "size mismatch" not in log and "FileNotFoundError" not in log
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training that accumulates: weights + sidecar, without an optimizer checkpoint
+
+
+def test_sidecar_beside_saved_weights_and_resume_from_weights(tmp_path, caplog):
+    from ignite.engine import Events
+
+    first = workflow(["train.json"], tmp_path / "first", epochs=2, validate=True)
+    trainer = first.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
+    trainer.run()
+    weights = tmp_path / "first" / "checkpoints" / "model.pt"
+    record = json.loads((tmp_path / "first" / "checkpoints" / "model.json").read_text())
+    assert record["iteration"] == 2 and record["epoch"] == 1 and record["epoch_length"] == 2
+    assert record["stream_start"] == 4 and record["seed"] == 0 and record["features"] == [4, 4, 8, 8, 8, 4]
+    assert record["lr_scheduler"]["last_epoch"] == 1 and record["date"]
+    saved = torch.load(tmp_path / "first" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
+
+    # a new output folder (no optimizer checkpoint), continuing from the weights and their sidecar
+    resumed = workflow(["train.json"], tmp_path / "second", epochs=2, resume_weights=str(weights))
+    trainer, seen = capture_at_start(resumed, ["network", "optimizer", "lr_scheduler"])
+    with caplog.at_level("INFO", logger="scripts.engines"):
+        trainer.run()
+    assert f"resuming from weights {weights} with sidecar" in caplog.text and "Adam moments" in caplog.text
+    assert_equal_states(seen["state"]["network"], torch.load(weights, weights_only=True), "model")
+    assert seen["position"] == (2, 1) and seen["stream_start"] == 4
+    assert_equal_states(seen["state"]["lr_scheduler"], saved["lr_scheduler"], "lr_scheduler")
+    assert seen["lr"] == [g["lr"] for g in saved["optimizer"]["param_groups"]]
+    assert not seen["state"]["optimizer"]["state"]  # rebuilt, as the log says
+    # without a sidecar the weights cannot say where the training was
+    (tmp_path / "bare.pt").write_bytes(weights.read_bytes())
+    handler = ResumeFromCheckpoint(
+        str(tmp_path / "none"), {"model": tiny_generator()}, resume_weights=str(tmp_path / "bare.pt")
+    )
+    with pytest.raises(FileNotFoundError, match="--pretrained"):
+        handler(FakeEngine())
+
+
+def test_shipped_weights_resume_from_their_sidecar():
+    from ignite.engine import Engine
+
+    record = json.loads((BUNDLE / "models" / "model.json").read_text())
+    generator = QSMGenerator(qsmgan_unet(features=record["features"]))
+    optimizer = torch.optim.Adam(generator.parameters(), lr=record["lr_scheduler"]["base_lrs"][0])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=16, eta_min=1e-5)
+    engine = Engine(lambda e, b: None)
+    engine.state.max_epochs, engine.state.epoch_length = 16, 80
+    load = {"model": generator, "optimizer": optimizer, "lr_scheduler": scheduler}
+    ResumeFromCheckpoint("/nonexistent", load, resume_weights=str(BUNDLE / "models" / "model.pt"))(engine)
+    assert (engine.state.iteration, engine.state.epoch) == (560, 7) == (record["iteration"], record["epoch"])
+    assert scheduler.last_epoch == 7 and optimizer.param_groups[0]["lr"] == pytest.approx(
+        record["lr_scheduler"]["_last_lr"][0], rel=1e-9
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line overrides that no config defines are refused
+
+
+@pytest.mark.parametrize(
+    "configs, typo, suggestion",
+    [
+        ("configs/inference.json", "dc_wieght", "dc_weight"),
+        ("['configs/inference.json','configs/evaluate.json']", "methdos", "methods"),
+        ("configs/train.json", "loss#gdl_wieght", "loss#gdl_weight"),
+        ("['configs/train.json','configs/train_gan.json']", "n_critc", "n_critic"),
+        ("configs/simulate.json", "num_healhty", "num_healthy"),
+    ],
+)
+def test_unknown_override_is_refused(monkeypatch, configs, typo, suggestion):
+    from scripts.engines import check_overrides
+
+    monkeypatch.chdir(BUNDLE)
+    argv = ["run", "training", "--config_file", configs, f"--{typo}", "0.01"]
+    with pytest.raises(ValueError, match=f"^unknown option --{typo}; did you mean --{suggestion}\\?$"):
+        check_overrides(argv)
+
+
+def test_known_overrides_and_monai_options_pass(monkeypatch):
+    from scripts.engines import check_overrides
+
+    monkeypatch.chdir(BUNDLE)
+    argv = ["run", "training", "--config_file", "configs/train.json", "--meta_file", "configs/metadata.json"]
+    argv += ["--logging_file", "configs/logging.conf", "--epochs", "2", "--loss#gdl_weight", "0.1"]
+    argv += ["--train::trainer::max_epochs", "3", "--resume_weights=models/model.pt", "--tracking", "mlflow"]
+    argv += ["--tracking_uri", "sqlite:///x.db", "--save_execute_config", "x.json", "--init_id", "initialize"]
+    check_overrides(argv)
+    check_overrides(["-q", "--tb", "short"])  # not a bundle command line: nothing to check
+
+
+def test_unknown_override_stops_the_bundle_run(tmp_path):
+    args = ["--config_file", "configs/simulate.json", "--output_dir", str(tmp_path), "--num_healthy", "0"]
+    args += ["--num_lesions", "0", "--num_random", "0", "--shape", "[24,24,24]", "--num_healhty", "1"]
+    result = bundle_run("simulating", *args, expect_ok=False)
+    assert result.returncode != 0
+    assert "unknown option --num_healhty; did you mean --num_healthy?" in result.stdout + result.stderr

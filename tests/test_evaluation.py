@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, TINY, bundle_run
+from conftest import BUNDLE, TINY_NET, bundle_run
 from PIL import Image
 
 from scripts.baselines import METHODS, tkd
@@ -36,8 +36,8 @@ def evaluation(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4))).state_dict(), tmp / "model.pt")
     out = tmp / "eval"
-    args = ["--config_file", CONFIGS, "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(out), *TINY, *TINY_SET]
-    args += ["--save_maps", "true"]
+    args = ["--config_file", CONFIGS, "--checkpoint", str(tmp / "model.pt"), "--output_dir", str(out), *TINY_NET]
+    args += [*TINY_SET, "--save_maps", "true"]
     with pytest.MonkeyPatch.context() as mp:
         # tiny volumes: one thread avoids the thread hand-offs that dominate on a busy 2-core machine
         mp.setenv("OMP_NUM_THREADS", "1")

@@ -74,6 +74,9 @@ def check_ranks(out, log, keys):
         assert_same(checkpoint[key], ranks[0][key])
     assert_same(load(out / "checkpoints" / "model.pt"), ranks[0]["model"])
     assert sorted(p.name for p in out.glob("run_info*.json")) == ["run_info.json"]
+    # TensorBoard event files (events.out.tfevents.TIME.HOST.PID.N) come from one process: rank 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and len({p.name.rsplit(".", 2)[1] for p in events}) == 1, [p.name for p in events]
     return ranks[0]
 
 

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, bundle_run
+from conftest import TINY, TINY_NET, bundle_run
 
 from scripts.physics import b0_direction_from_affine, forward_field
 from scripts.simulate import SimulationSet
@@ -75,7 +75,9 @@ def test_simulating_writes_a_consistent_dataset(tmp_path):
         str(tmp_path / "infer"),
         "--checkpoint",
         str(tmp_path / "train" / "checkpoints" / "model.pt"),
-        *common,
+        "--datalist",
+        listing_path,
+        *TINY_NET,
     )
     for item in listing["testing"]:
         stem = item["image"].replace(".nii.gz", "")

@@ -9,6 +9,7 @@ generator).
 from __future__ import annotations
 
 import datetime
+import difflib
 import glob
 import json
 import logging
@@ -40,6 +41,11 @@ __all__ = [
     "latest_checkpoint",
     "unwrap",
     "SyncBuffers",
+    "load_weights",
+    "select_pretrained",
+    "WeightsSidecar",
+    "sidecar_path",
+    "check_overrides",
 ]
 
 logger = logging.getLogger(__name__)
@@ -140,7 +146,7 @@ class WGANGPTrainer(Trainer):
         l1_weight: weight of the supervised term (1).
         amp: bfloat16 autocast for the forward passes: ``True``, ``False`` or ``"auto"`` (where
             :func:`scripts.networks.bf16_supported` says it is fast on ``device``); the penalty is computed in float32.
-        seed: seed of the interpolation weights ε.
+        seed: seed of the interpolation weights ε (drawn from ``(seed, iteration)``, so a resume continues them).
         train_handlers: Ignite/MONAI handlers, as for ``SupervisedTrainer``.
         decollate: as for ``SupervisedTrainer``: decollate the batch and the output into per-sample dicts (with the
             scalars repeated in each), so that MONAI's handlers, e.g. ``from_engine(["loss"], first=True)`` of the
@@ -190,7 +196,8 @@ class WGANGPTrainer(Trainer):
         self.supervised_loss = supervised_loss if supervised_loss is not None else QSMLoss()
         self.n_critic, self.lambda_gp, self.lambda_adv = int(n_critic), float(lambda_gp), float(lambda_adv)
         self.l1_weight, self.use_autocast = float(l1_weight), resolve_autocast(amp, device)
-        self.eps_generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.eps_generator = torch.Generator().manual_seed(self.seed)
 
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
@@ -247,6 +254,9 @@ class WGANGPTrainer(Trainer):
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         condition = self._condition(inputs)
         self.network.train()
+        # ε of the penalty depends on (seed, iteration) only, so that a resumed run draws what the uninterrupted one
+        # would have drawn
+        self.eps_generator.manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
         pred = self.network(inputs)  # G is unchanged by the critic steps: one forward pass serves all updates
         for _ in range(self.n_critic):
             critic_stats = self.critic_step(targets, pred, condition)
@@ -309,14 +319,111 @@ class TrainingCheckpointSaver(CheckpointSaver):
             os.remove(path)
 
 
-class ResumeFromCheckpoint:
-    """Resume a run from the latest checkpoint in ``ckpt_dir``; else start from ``pretrained`` weights or afresh.
+def _nonzero_rank() -> bool:
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
 
-    Loads every object of ``load_dict`` (network, optimizer, scheduler, …) plus the engine it is attached to (under
-    ``engine_key``: iteration and epoch) on the device at hand (``map_location``) with ``weights_only=True``.
-    When there is nothing to resume and ``pretrained`` names a generator state dict (e.g. stage 1's
-    ``model.pt`` for the WGAN-GP stage), only ``load_dict[pretrained_key]`` is initialised from it.
-    Attach it before :class:`StreamPosition`.
+
+def _shape(t) -> tuple:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+
+def _fit_problems(module: nn.Module, state: Mapping) -> str | None:
+    """None when ``state`` has exactly ``module``'s state-dict keys and shapes, else a one-line description."""
+    if not isinstance(state, Mapping):
+        return f"it holds a {type(state).__name__}, not a state dict"
+    own = unwrap(module).state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and _shape(own[k]) != _shape(state[k])]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of {len(own)} tensors differ in shape (e.g. {k}: file {_shape(state[k])}, "
+            f"network {_shape(own[k])})"
+        )
+    if missing:
+        parts.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    return "; ".join(parts)
+
+
+def _check_fits(module: nn.Module, state: Mapping, path: str, what: str) -> None:
+    problems = _fit_problems(module, state)
+    if problems:
+        raise ValueError(
+            f"{what} {path} does not fit the network: {problems} (was it trained with other --features or "
+            f"another network?)"
+        )
+
+
+def load_weights(module: nn.Module, path: str, map_location: str | torch.device = "cpu", what: str = "weights"):
+    """Load a state dict file into ``module`` (unwrapped), refusing with one line if keys or shapes do not fit.
+
+    The file's tensors are cast to the network's dtypes (the shipped ``models/model.pt`` is stored in float16).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} do not exist")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    _check_fits(module, state, path, what)
+    unwrap(module).load_state_dict(state)
+    return state
+
+
+def select_pretrained(candidates: str | Sequence[str] | None) -> str | None:
+    """The first existing file among ``candidates`` (a path or a list of paths, in order of preference).
+
+    A single path is returned as is (missing or not: :class:`ResumeFromCheckpoint` reports a missing file); with a
+    list, e.g. stage 1's own run and then the shipped ``models/model.pt``, the first that exists is taken, and
+    FileNotFoundError names all of them if none does.
+    """
+    if candidates is None or isinstance(candidates, (str, os.PathLike)):
+        return None if candidates is None else str(candidates)
+    candidates = [str(c) for c in candidates if c]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"none of the pretrained weights {candidates} exist: pass --pretrained PATH")
+
+
+def sidecar_path(weights_path: str) -> str:
+    """``model.json`` beside ``model.pt``: how far a saved generator's training had got (:class:`WeightsSidecar`)."""
+    return os.path.splitext(weights_path)[0] + ".json"
+
+
+def _json_safe(value):
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class ResumeFromCheckpoint:
+    """Resume a run from the latest checkpoint in ``ckpt_dir``; else from weights + sidecar, ``pretrained`` or afresh.
+
+    In order of precedence, on ``Events.STARTED``:
+
+    1. the latest ``checkpoint_*.pt`` in ``ckpt_dir`` (a run's own optimizer checkpoint): every object of
+       ``load_dict`` (network, optimizer, scheduler, …) plus the engine it is attached to (under ``engine_key``:
+       iteration and epoch) is restored on ``map_location`` with ``weights_only=True``;
+    2. ``resume_weights``: a generator state dict with its JSON sidecar (``model.json`` beside ``model.pt``, written
+       by :class:`WeightsSidecar`): the generator is loaded, the engine's iteration and epoch are set from the sidecar,
+       the learning-rate schedule is replayed to the sidecar's epoch (and so the data stream continues at the
+       sidecar's sample, see :class:`StreamPosition`); the optimizer starts afresh (Adam moments are rebuilt);
+    3. ``pretrained`` (a path, or a list of paths of which the first existing one is taken, see
+       :func:`select_pretrained`): only ``load_dict[pretrained_key]`` is initialised, the run starts at iteration 0;
+    4. nothing: a new run.
+
+    A file whose keys or shapes do not fit the network is refused with one line naming the file. Every file loaded
+    is named in the log. Attach it before :class:`StreamPosition`.
     """
 
     def __init__(
@@ -325,38 +432,110 @@ class ResumeFromCheckpoint:
         load_dict: Mapping,
         map_location: str | torch.device = "cpu",
         engine_key: str = "trainer",
-        pretrained: str | None = None,
+        pretrained: str | Sequence[str] | None = None,
         pretrained_key: str = "model",
+        resume_weights: str | None = None,
+        lr_scheduler_key: str = "lr_scheduler",
     ) -> None:
         self.ckpt_dir, self.load_dict, self.map_location = ckpt_dir, dict(load_dict), map_location
         self.engine_key, self.pretrained, self.pretrained_key = engine_key, pretrained, pretrained_key
+        self.resume_weights, self.lr_scheduler_key = resume_weights, lr_scheduler_key
 
     def attach(self, engine: Engine) -> None:
         self.load_dict.setdefault(self.engine_key, engine)
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is not None:
+            if self.resume_weights:
+                logger.info(f"--resume_weights {self.resume_weights} ignored: the run's own checkpoint comes first")
+            self._resume_checkpoint(engine, path)
+        elif self.resume_weights:
+            self._resume_weights(engine, str(self.resume_weights))
+        elif self.pretrained:
+            candidates = self.pretrained
+            pretrained = select_pretrained(candidates)
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(
+                    f"pretrained weights {pretrained!r} do not exist: train stage 1 first "
+                    f"(configs/train.json) or pass --pretrained models/model.pt"
+                )
+            load_weights(self.load_dict[self.pretrained_key], pretrained, self.map_location, "pretrained weights")
+            note = ""
+            if not isinstance(candidates, str) and pretrained != str(candidates[0]):
+                note = f" ({candidates[0]} does not exist)"
+            logger.info(f"no checkpoint in {self.ckpt_dir}: starting from {pretrained}{note}")
+        else:
+            logger.info(f"no checkpoint in {self.ckpt_dir}: starting a new run")
+
+    def _resume_checkpoint(self, engine: Engine, path: str) -> None:
         from ignite.handlers import Checkpoint
 
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            if self.pretrained:
-                if not os.path.isfile(self.pretrained):
-                    raise FileNotFoundError(
-                        f"pretrained weights {self.pretrained!r} do not exist: train stage 1 first "
-                        f"(configs/train.json) or pass --pretrained models/model.pt"
-                    )
-                state = torch.load(self.pretrained, map_location=self.map_location, weights_only=True)
-                unwrap(self.load_dict[self.pretrained_key]).load_state_dict(state)
-                logger.info(f"no checkpoint in {self.ckpt_dir}: starting from {self.pretrained}")
-            else:
-                logger.info(f"no checkpoint in {self.ckpt_dir}: starting a new run")
-            return
+        logger.info(f"resuming from checkpoint {path}")
         checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
+        missing = [k for k in self.load_dict if k not in checkpoint]
+        if missing:
+            raise ValueError(
+                f"checkpoint {path} does not fit this run: it lacks {missing} (has {sorted(checkpoint)}); "
+                f"a checkpoint of another stage? use another --output_dir"
+            )
+        for key, obj in self.load_dict.items():
+            if isinstance(obj, nn.Module):
+                _check_fits(obj, checkpoint[key], f"{path} [{key}]", "checkpoint")
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint)
+        try:
+            Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {path} does not fit this run: {first}") from None
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)  # a longer run may continue a shorter one
         logger.info(f"resumed from {path} at iteration {engine.state.iteration} (epoch {engine.state.epoch})")
+
+    def _resume_weights(self, engine: Engine, path: str) -> None:
+        side = sidecar_path(path)
+        if not os.path.isfile(side):
+            raise FileNotFoundError(
+                f"--resume_weights {path}: no sidecar {side} (iteration, epoch, schedule) beside it; "
+                f"use --pretrained {path} to start a new run from these weights"
+            )
+        with open(side) as f:
+            record = json.load(f)
+        logger.info(f"resuming from weights {path} with sidecar {side}")
+        load_weights(self.load_dict[self.pretrained_key], path, self.map_location, "weights")
+        iteration = int(record["iteration"])
+        epoch_length = engine.state.epoch_length or record.get("epoch_length")
+        if record.get("epoch_length") and epoch_length != record["epoch_length"]:
+            logger.warning(
+                f"{side}: epoch_length {record['epoch_length']} there, {epoch_length} here: the epoch count and "
+                f"schedule follow this run's epoch_length"
+            )
+        max_epochs = engine.state.max_epochs
+        engine.load_state_dict({"iteration": iteration, "epoch_length": epoch_length, "max_epochs": max_epochs})
+        engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        scheduler = self.load_dict.get(self.lr_scheduler_key)
+        if scheduler is not None:
+            import warnings
+
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": a deliberate replay
+                warnings.simplefilter("ignore")
+                for _ in range(engine.state.epoch - scheduler.last_epoch):
+                    scheduler.step()
+            saved = record.get("lr_scheduler") or {}
+            if saved.get("last_epoch") is not None and saved["last_epoch"] != scheduler.last_epoch:
+                logger.warning(f"{side}: schedule at epoch {saved['last_epoch']} there, {scheduler.last_epoch} here")
+            here = _json_safe(scheduler.state_dict())
+            differ = [k for k in ("base_lrs", "T_max", "eta_min") if k in saved and k in here and saved[k] != here[k]]
+            if differ:
+                logger.warning(
+                    f"{side}: the schedule differs from this run's in "
+                    + ", ".join(f"{k} ({saved[k]} there, {here[k]} here)" for k in differ)
+                    + ": pass the original --learning_rate/--epochs to continue the same schedule"
+                )
+        logger.info(
+            f"resumed from weights {path} at iteration {engine.state.iteration} (epoch {engine.state.epoch}); "
+            f"optimizer state (Adam moments) is not in the weights and is rebuilt from zero"
+        )
 
 
 class StreamPosition:
@@ -374,6 +553,83 @@ class StreamPosition:
     def __call__(self, engine: Engine) -> None:
         if hasattr(self.stream, "start"):
             self.stream.start = engine.state.iteration * self.stream.batch_size
+            if self.stream.start:
+                logger.info(f"data stream continues at sample {self.stream.start}")
+
+
+class WeightsSidecar:
+    """Write ``model.json`` beside the saved generator ``model.pt`` whenever that file is (re)written.
+
+    Attach it to the trainer after the ``ValidationHandler`` (whose evaluator's ``CheckpointSaver`` writes the
+    best-metric ``model.pt``): at the end of each epoch, and when the run completes, it checks whether
+    ``weights_path`` changed since it last looked, and if so records what the training had reached: iteration,
+    epoch, epoch length, data-stream position (``stream_start``: the sample index at which the stream continues,
+    iteration × batch_size), seed, learning-rate schedule state, the generator's ``features`` and the date. With
+    it, ``--resume_weights models/model.pt`` continues a training from committed weights (see
+    :class:`ResumeFromCheckpoint`). Only rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        weights_path: str,
+        lr_scheduler=None,
+        stream=None,
+        seed: int | None = None,
+        features: Sequence[int] | None = None,
+        extra: Mapping | None = None,
+    ) -> None:
+        self.weights_path, self.lr_scheduler, self.stream = weights_path, lr_scheduler, stream
+        self.seed, self.features, self.extra = seed, features, dict(extra or {})
+        self._seen = self._stamp()
+
+    def _stamp(self):
+        try:
+            st = os.stat(self.weights_path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def attach(self, engine: Engine) -> None:
+        self._seen = self._stamp()  # a file left by an earlier run is described by its own sidecar
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if _nonzero_rank():
+            return
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return
+        self._seen = stamp
+        self.write(engine)
+
+    def record(self, engine: Engine) -> dict:
+        batch_size = getattr(self.stream, "batch_size", None)
+        scheduler = self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None
+        return {
+            "weights": os.path.basename(self.weights_path),
+            "iteration": int(engine.state.iteration),
+            "epoch": int(engine.state.epoch),
+            "epoch_length": engine.state.epoch_length,
+            "max_epochs": engine.state.max_epochs,
+            "stream_start": int(engine.state.iteration) * batch_size if batch_size else None,
+            "batch_size": batch_size,
+            "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+            "seed": self.seed,
+            "lr_scheduler": _json_safe(scheduler),
+            "features": _json_safe(self.features),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **_json_safe(self.extra),
+        }
+
+    def write(self, engine: Engine) -> str:
+        path = sidecar_path(self.weights_path)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.record(engine), f, indent=2)
+        os.replace(tmp, path)
+        logger.info(f"wrote {path} beside {self.weights_path} (iteration {engine.state.iteration})")
+        return path
 
 
 class SyncBuffers:
@@ -401,27 +657,118 @@ class SyncBuffers:
                     buffer /= dist.get_world_size()
 
 
-def _argv_config() -> tuple[list[str], dict[str, str]]:
-    """Config files and ``--key value`` overrides of the ``monai.bundle run`` command line."""
-    files: list[str] = []
-    overrides: dict[str, str] = {}
-    args = sys.argv[1:]
+#: Options of ``python -m monai.bundle run`` itself (not config ids).
+MONAI_RUN_OPTIONS = frozenset(
+    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+)
+
+
+def _argv_pairs(argv: Sequence[str]) -> list[tuple[str, str | None]]:
+    """``--key value`` and ``--key=value`` pairs of a command line (value None for a trailing flag)."""
+    pairs: list[tuple[str, str | None]] = []
     i = 0
-    while i < len(args):
-        if args[i].startswith("--") and i + 1 < len(args):
-            key, value = args[i][2:], args[i + 1]
-            if key == "config_file":
-                try:
-                    parsed = json.loads(value.replace("'", '"'))
-                except json.JSONDecodeError:
-                    parsed = value
-                files = parsed if isinstance(parsed, list) else [parsed]
-            elif key not in ("meta_file", "logging_file", "tracking", "args_file"):
-                overrides[key] = value
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2:
+            if "=" in arg:
+                key, value = arg[2:].split("=", 1)
+                pairs.append((key, value))
+                i += 1
+                continue
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            pairs.append((arg[2:], value))
             i += 2
         else:
             i += 1
+    return pairs
+
+
+def _parse_files(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    try:
+        parsed = json.loads(str(value).replace("'", '"'))
+    except json.JSONDecodeError:
+        parsed = value
+    return [str(p) for p in parsed] if isinstance(parsed, list) else [str(parsed)]
+
+
+def _argv_config(argv: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Config files and ``--key value`` overrides of the ``monai.bundle run`` command line."""
+    files: list[str] = []
+    overrides: dict[str, str] = {}
+    for key, value in _argv_pairs(sys.argv[1:] if argv is None else argv):
+        if key == "config_file" and value is not None:
+            files = _parse_files(value)
+        elif key not in MONAI_RUN_OPTIONS and value is not None:
+            overrides[key] = value
     return files, overrides
+
+
+def _config_ids(config, prefix: str = "") -> set[str]:
+    ids: set[str] = set()
+    if isinstance(config, Mapping):
+        items = config.items()
+    elif isinstance(config, list):
+        items = enumerate(config)
+    else:
+        return ids
+    for key, value in items:
+        cid = f"{prefix}#{key}" if prefix else str(key)
+        ids.add(cid)
+        ids |= _config_ids(value, cid)
+    return ids
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Refuse a ``--key`` override of the ``monai.bundle run`` command line that no config defines.
+
+    MONAI's CLI accepts any ``--key value`` and silently ignores keys that no config uses, so a typo such as
+    ``--dc_wieght 0.01`` would run with the default. Called first in every config's ``initialize``
+    (``{"_target_": "scripts.engines.check_overrides"}``), it compares the command line's keys (and an
+    ``--args_file``'s) with the ids of the merged ``--config_file`` configs (nested ids with ``#`` or ``::``; with
+    ``--tracking mlflow`` also MONAI's tracking settings) and raises ``ValueError: unknown option --dc_wieght; did
+    you mean --dc_weight?``. MONAI's own options (``config_file``, ``meta_file``, ``logging_file``, ``args_file``,
+    ``run_id``/``init_id``/``final_id``, ``tracking``) are allowed. Does nothing without ``--config_file`` on the
+    command line (e.g. when a config is parsed in a test).
+
+    Arguments:
+        argv: the command line after the program name (default ``sys.argv[1:]``).
+    """
+    from monai.bundle import ConfigParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs = _argv_pairs(argv)
+    options = dict(pairs)
+    if options.get("args_file") and os.path.isfile(str(options["args_file"])):
+        args = ConfigParser.load_config_file(str(options["args_file"]))
+        for key, value in args.items():
+            options.setdefault(key, value)
+            if key not in MONAI_RUN_OPTIONS:
+                pairs.append((key, value))
+    if not options.get("config_file"):
+        return
+    files = [f for f in _parse_files(options["config_file"]) if os.path.isfile(f)]
+    parser = ConfigParser()
+    parser.read_config(files)
+    ids = _config_ids(parser.get())
+    tracking = options.get("tracking")
+    if tracking:
+        from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+        settings = DEFAULT_EXP_MGMT_SETTINGS.get(str(tracking))
+        if settings is None and os.path.isfile(str(tracking)):
+            settings = ConfigParser.load_config_file(str(tracking))
+        ids |= _config_ids((settings or {}).get("configs", {}))
+    for key, _ in pairs:
+        if key in MONAI_RUN_OPTIONS:
+            continue
+        normalised = key.replace("::", "#")
+        if normalised in ids:
+            continue
+        close = difflib.get_close_matches(normalised, sorted(ids), n=1)
+        hint = f"; did you mean --{close[0]}?" if close else f": no config of {files} defines it"
+        raise ValueError(f"unknown option --{key}{hint}")
 
 
 class RunRecord:
