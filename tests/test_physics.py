@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.physics import b0_direction_from_affine, convert_field, dipole_kernel, forward_field
+from scripts.physics import (
+    DipoleOperator,
+    b0_direction_from_affine,
+    convert_field,
+    demean_in_mask,
+    dipole_kernel,
+    fast_fft_size,
+    forward_field,
+    masked_mean,
+)
 
 
 def sphere_volume_fraction(shape, voxel, center_mm, radius_mm, supersample=4):
@@ -120,6 +129,55 @@ def test_forward_field_mask_demeans_and_batches():
     assert torch.allclose(field[..., mask].mean(-1), torch.zeros(2, 1), atol=1e-6)
     single = forward_field(chi[1, 0], mask=mask)
     assert torch.allclose(field[1, 0], single, atol=1e-6)
+
+
+@pytest.mark.parametrize("pad", [0, 0.5, 0.125, (3, 0, 7)])
+def test_operator_adjoint_is_exact(pad):
+    op = DipoleOperator((13, 10, 9), (1.0, 0.9, 1.3), (0.2, 0.3, 0.9), pad=pad, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 10, 9, generator=gen, dtype=torch.float64)
+    y = torch.randn(13, 10, 9, generator=gen, dtype=torch.float64)
+    lhs = float((op.forward(x) * y).sum())
+    rhs = float((x * op.adjoint(y)).sum())
+    assert abs(lhs - rhs) <= 1e-12 * max(abs(lhs), 1.0)
+    # on the padded grid the convolution is self-adjoint too
+    xp, yp = op.pad(x), op.pad(y)
+    assert abs(float((op.convolve(xp) * yp).sum()) - float((xp * op.convolve(yp)).sum())) < 1e-10
+    # pad then crop is the identity; forward = crop ∘ convolve ∘ pad
+    torch.testing.assert_close(op.crop(op.pad(x)), x)
+    torch.testing.assert_close(op.forward(x), op.crop(op.convolve(op.pad(x))))
+
+
+def test_operator_pads_to_fast_fft_sizes():
+    op = DipoleOperator((67, 61, 50), (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), pad=0.5)
+    assert op.pshape == tuple(fast_fft_size(n + 2 * math.ceil(n / 2)) for n in (67, 61, 50)) == (135, 125, 100)
+    for n, p in zip(op.shape, op.pshape):
+        assert p >= 2 * n and fast_fft_size(p) == p
+    assert op.kernel.shape == (op.pshape[0], op.pshape[1], op.pshape[2] // 2 + 1)
+    assert DipoleOperator((7, 11, 13), (1, 1, 1), (0, 0, 1), pad=0).pshape == (7, 11, 13)  # pad 0: as given
+    assert DipoleOperator((10, 10, 10), (1, 1, 1), (0, 0, 1), pad=(3, 0, 1)).pshape == (16, 10, 12)
+    assert [fast_fft_size(n) for n in (1, 7, 11, 13, 97, 121, 128)] == [1, 8, 12, 15, 100, 125, 128]
+    # batched (..., X, Y, Z) volumes, and forward_field is the operator
+    chi = torch.randn(2, 1, 67, 61, 50, generator=torch.Generator().manual_seed(0))
+    field = op.forward(chi)
+    assert field.shape == chi.shape
+    torch.testing.assert_close(field[1, 0], forward_field(chi[1, 0]))
+    with pytest.raises(ValueError, match="expected"):
+        op.forward(torch.zeros(10, 10, 10))
+
+
+def test_demean_in_mask_and_masked_mean():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 18, 16, generator=gen) + 3.0
+    mask = torch.zeros(20, 18, 16, dtype=torch.bool)
+    mask[4:15, 2:12, 3:9] = True
+    assert abs(float(masked_mean(x, mask)) - float(x[mask].double().mean())) < 1e-6
+    local = demean_in_mask(x, mask)
+    assert torch.all(local[~mask] == 0) and abs(float(local[mask].double().mean())) < 1e-6
+    y = x.clone()
+    assert demean_in_mask(y, mask.float(), inplace=True) is y
+    torch.testing.assert_close(y, local)
+    assert float(masked_mean(x, torch.zeros_like(mask)).abs()) == 0.0
 
 
 def test_b0_direction_from_oblique_affine():

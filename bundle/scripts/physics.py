@@ -23,8 +23,13 @@ __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
     "FIELD_UNITS",
     "dipole_kernel",
+    "fast_fft_size",
+    "DipoleOperator",
     "forward_field",
+    "masked_mean",
+    "demean_in_mask",
     "b0_direction_from_affine",
+    "voxel_size_from_affine",
     "convert_field",
 ]
 
@@ -120,6 +125,19 @@ def _pad_amounts(shape: Sequence[int], pad: float | Sequence[int]) -> list[int]:
     return amounts
 
 
+def fast_fft_size(n: int) -> int:
+    """The smallest integer ≥ ``n`` whose only prime factors are 2, 3 and 5 (a fast FFT length)."""
+    n = max(1, int(n))
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
 _KERNEL_CACHE_MAX_VOXELS = 1 << 23  # kernels up to 32 MB (float32) are kept: training patches, not whole heads
 
 
@@ -136,6 +154,123 @@ def _rfft_kernel(shape, voxel, b0, device, dtype) -> torch.Tensor:
     return dipole_kernel(shape, voxel, b0, device=device, dtype=dtype, rfft=True)
 
 
+class DipoleOperator:
+    """The dipole convolution χ ↦ D⊛χ on a zero-padded grid: the one forward model of the bundle.
+
+    The volume (X, Y, Z) is zero-padded by ``pad`` per side and the padded size rounded up to a fast FFT length
+    (:func:`fast_fft_size`; ``pad=0`` keeps the grid as it is, and the convolution is then exactly periodic). The
+    volume sits at offset ``before`` inside the padded grid. On the padded grid the convolution is periodic and
+    self-adjoint (D is real and even); with P the zero padding and Pᵀ the crop,
+
+    * :meth:`forward` = Pᵀ D P (pad → D⊛ → crop): the field of a χ given on the volume's grid,
+    * :meth:`adjoint` = (Pᵀ D P)ᵀ = Pᵀ D P: the exact adjoint of :meth:`forward` (the same operation),
+    * :meth:`convolve`: D⊛ on the padded grid, for solvers that iterate there.
+
+    Arguments:
+        shape: spatial shape (X, Y, Z) of the volumes.
+        voxel_size: (Δx, Δy, Δz) in mm.
+        b0_direction: B0 direction in voxel coordinates (normalised here).
+        pad: zero padding per side: a fraction of each dimension (0.5 doubles it) or 3 voxel counts.
+        device, dtype: of the kernel (and of the volumes it is applied to).
+
+    Attributes:
+        shape, pshape: the volume's and the padded spatial shapes.
+        before: voxels of padding before each axis (the rest is after).
+        voxel_size, b0_direction: as given (B0 normalised), tuples of floats.
+        kernel: D on the rfft half spectrum of the padded grid, shape (PX, PY, PZ//2 + 1). Small kernels are
+            shared through a cache: never modify it in place.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        voxel_size: Sequence[float],
+        b0_direction: Sequence[float],
+        pad: float | Sequence[int] = 0.5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be 3 positive integers, got {shape!r}")
+        self.voxel_size = _check_triplet("voxel_size", voxel_size)
+        if min(self.voxel_size) <= 0:
+            raise ValueError(f"voxel_size must be positive (mm), got {voxel_size!r}")
+        self.b0_direction = _unit_vector(b0_direction)
+        amounts = _pad_amounts(self.shape, pad)
+        if any(amounts):
+            self.pshape = tuple(fast_fft_size(n + 2 * p) for n, p in zip(self.shape, amounts))
+        else:
+            self.pshape = self.shape
+        self.before = tuple((p - n) // 2 for p, n in zip(self.pshape, self.shape))
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.kernel = _rfft_kernel(self.pshape, self.voxel_size, self.b0_direction, self.device, dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"DipoleOperator(shape={self.shape}, pshape={self.pshape}, voxel_size={self.voxel_size}, "
+            f"b0_direction={self.b0_direction})"
+        )
+
+    # -- grid
+    def _inner(self) -> tuple[slice, ...]:
+        return tuple(slice(s, s + n) for s, n in zip(self.before, self.shape))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad (..., X, Y, Z) to (..., PX, PY, PZ) (any dtype, booleans included)."""
+        self._check(x, self.shape)
+        if self.pshape == self.shape:
+            return x
+        out = x.new_zeros((*x.shape[:-3], *self.pshape))
+        out[(..., *self._inner())] = x
+        return out
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The volume's part (..., X, Y, Z) of a padded (..., PX, PY, PZ) tensor (a view)."""
+        self._check(x, self.pshape)
+        return x[(..., *self._inner())]
+
+    @staticmethod
+    def _check(x: torch.Tensor, shape: tuple[int, ...]) -> None:
+        if tuple(x.shape[-3:]) != shape:
+            raise ValueError(f"expected a (..., {', '.join(map(str, shape))}) tensor, got shape {tuple(x.shape)}")
+
+    # -- Fourier transforms on the padded grid
+    def fft(self, x: torch.Tensor) -> torch.Tensor:
+        """Real FFT over the last three axes of a padded tensor (half spectrum)."""
+        return torch.fft.rfftn(x, dim=(-3, -2, -1))
+
+    def ifft(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`fft` onto the padded grid."""
+        return torch.fft.irfftn(spectrum, s=self.pshape, dim=(-3, -2, -1))
+
+    # -- the operator
+    def _kernel_for(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel
+        if k.device != x.device:
+            k = k.to(x.device)
+        if k.dtype == torch.float64 and x.dtype != torch.float64:
+            k = k.float()  # an in-place product must keep the spectrum's precision
+        return k
+
+    def convolve(self, x_padded: torch.Tensor) -> torch.Tensor:
+        """D⊛x on the padded grid (periodic), x real (..., PX, PY, PZ); self-adjoint."""
+        spectrum = self.fft(x_padded)
+        spectrum.mul_(self._kernel_for(x_padded))
+        return self.ifft(spectrum)
+
+    def forward(self, chi: torch.Tensor) -> torch.Tensor:
+        """Pᵀ D P χ: zero-pad χ (..., X, Y, Z), convolve with D, crop back (contiguous)."""
+        return self.crop(self.convolve(self.pad(chi))).contiguous()
+
+    def adjoint(self, field: torch.Tensor) -> torch.Tensor:
+        """(Pᵀ D P)ᵀ = Pᵀ D P applied to ``field`` (..., X, Y, Z): the exact adjoint of :meth:`forward`."""
+        return self.forward(field)
+
+    __call__ = forward
+
+
 def forward_field(
     chi: torch.Tensor,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
@@ -144,7 +279,7 @@ def forward_field(
     mask: torch.Tensor | None = None,
     pad: float | Sequence[int] = 0.5,
 ) -> torch.Tensor:
-    """Field perturbation (ppm) produced by a susceptibility distribution χ (ppm).
+    """Field perturbation (ppm) produced by a susceptibility distribution χ (ppm): :class:`DipoleOperator` forward.
 
     The volume is zero-padded before the FFT so that the field of sources near one face does not wrap around
     onto the opposite face, convolved with the dipole kernel, and cropped back. With a mask the result is the
@@ -157,39 +292,62 @@ def forward_field(
 
     Keywords:
         mask: optional boolean/0-1 tensor broadcastable to ``chi``; field is demeaned inside it and zeroed outside.
-        pad: zero padding per side, either a fraction of each dimension (0.5 doubles every dimension) or three
-            voxel counts.
+        pad: zero padding per side (see :class:`DipoleOperator`).
 
     Returns:
         Field in ppm, same shape, dtype and device as ``chi``.
     """
     if chi.ndim < 3:
         raise ValueError(f"chi must have at least 3 dimensions (..., X, Y, Z), got shape {tuple(chi.shape)}")
-    shape = chi.shape[-3:]
-    px, py, pz = _pad_amounts(shape, pad)
-    padded = torch.nn.functional.pad(chi, (pz, pz, py, py, px, px)) if px or py or pz else chi
-    pshape = padded.shape[-3:]
-    voxel, b0 = _check_triplet("voxel_size", voxel_size), _unit_vector(b0_direction)
-    kernel = _rfft_kernel(tuple(pshape), voxel, b0, chi.device, chi.dtype)
-    field = torch.fft.irfftn(kernel * torch.fft.rfftn(padded, dim=(-3, -2, -1)), s=pshape, dim=(-3, -2, -1))
-    field = field[..., px : px + shape[0], py : py + shape[1], pz : pz + shape[2]]
+    op = DipoleOperator(chi.shape[-3:], voxel_size, b0_direction, pad, device=chi.device, dtype=chi.dtype)
+    field = op.forward(chi)
     if mask is not None:
         field = demean_in_mask(field, mask)
-    return field.contiguous()
+    return field
 
 
-def demean_in_mask(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Subtract the mean inside ``mask`` over the last three axes and zero the volume outside it.
+def masked_mean(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``volume`` inside ``mask`` over the last three axes, shape (..., 1, 1, 1), accumulated in float64.
+
+    An empty mask gives 0. A single volume (3 dimensions) is summed in slabs, so a whole head never needs a
+    float64 copy.
+    """
+    volume, inside = torch.broadcast_tensors(volume, mask > 0 if mask.dtype != torch.bool else mask)
+    if volume.ndim == 3:
+        total = torch.zeros((), dtype=torch.float64, device=volume.device)
+        count = 0
+        for xs, ms in zip(volume.split(8), inside.split(8)):
+            total += xs[ms].sum(dtype=torch.float64)
+            count += int(ms.sum())
+        return (total / max(count, 1)).to(volume.dtype).reshape(1, 1, 1)
+    dims = (-3, -2, -1)
+    total = torch.where(inside, volume, torch.zeros((), dtype=volume.dtype, device=volume.device))
+    total = total.sum(dim=dims, keepdim=True, dtype=torch.float64)
+    count = inside.sum(dim=dims, keepdim=True).clamp_min(1)
+    return (total / count).to(volume.dtype)
+
+
+def demean_in_mask(volume: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Subtract the mean inside ``mask`` over the last three axes and zero the volume outside it (a local field).
 
     Arguments:
         volume: (..., X, Y, Z) tensor.
         mask: 0/1 or boolean tensor broadcastable to ``volume``.
+
+    Keywords:
+        inplace: overwrite ``volume`` (same shape as the broadcast result) instead of allocating.
     """
-    m = mask.to(volume.dtype)
-    m = torch.broadcast_to(m, volume.shape)
-    count = m.sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1.0)
-    mean = (volume * m).sum(dim=(-3, -2, -1), keepdim=True) / count
-    return (volume - mean) * m
+    inside = mask > 0 if mask.dtype != torch.bool else mask
+    mean = masked_mean(volume, inside)
+    if inplace:
+        return volume.sub_(mean).mul_(inside)
+    return (volume - mean) * inside
+
+
+def voxel_size_from_affine(affine) -> tuple[float, float, float]:
+    """Voxel size (mm) from a voxel-to-world affine: the lengths of its first three columns."""
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
 
 
 def b0_direction_from_affine(affine: np.ndarray | torch.Tensor | Sequence[Sequence[float]]) -> np.ndarray:
