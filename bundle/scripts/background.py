@@ -14,7 +14,7 @@ sinuses and ear canals, bone, veins and dura at the surface). Inside the mask th
   gradients on the normal equations) and subtracted. Keeps the whole mask; errs where the mask is wrong and near
   the boundary where local and background fields are hard to tell apart.
 
-Conventions (as :mod:`scripts.physics` and :mod:`scripts.baselines`): ppm, mm, B0 direction in voxel-index
+Conventions (as :mod:`scripts.physics`): ppm, mm, B0 direction in voxel-index
 coordinates, D(k) = 1/3 − (k·b̂)²/|k|² with D(0) = 0, tensors (X, Y, Z) (a leading singleton batch/channel
 dimension is dropped), float32 by default, on the field's device. Inputs may be torch tensors or NumPy arrays. A
 local field has no defined offset: both methods return it demeaned inside their output mask, zero outside.
@@ -37,13 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .baselines import _as_volume, _cg, fast_fft_size
-from .physics import _check_triplet, _pad_amounts, demean_in_mask, dipole_kernel
-
-try:  # the project's single dipole operator (scripts.physics, branch main)
-    from .physics import DipoleOperator  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - exercised until DipoleOperator lands on main
-    DipoleOperator = None  # type: ignore[assignment]
+from .physics import DipoleOperator, _check_triplet, demean_in_mask, fast_fft_size
 
 __all__ = ["vsharp", "pdf", "smv_symbol", "erode_mask", "default_radii", "METHODS"]
 
@@ -57,6 +51,46 @@ def _voxel(voxel_size: Sequence[float]) -> tuple[float, float, float]:
     if min(voxel) <= 0 or not all(math.isfinite(v) for v in voxel):
         raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
     return voxel
+
+
+def _as_volume(x, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """A finite real (X, Y, Z) tensor (leading singleton dims dropped) of ``dtype`` on ``device`` (default: x's)."""
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if hasattr(t, "as_tensor"):  # MONAI MetaTensor
+        t = t.as_tensor()
+    if t.is_complex():
+        raise ValueError(f"{name} must be real-valued")
+    while t.ndim > 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be a 3D volume (X, Y, Z), got shape {tuple(x.shape)}")
+    t = t.to(device=device if device is not None else t.device, dtype=dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has NaN or infinite values")
+    return t
+
+
+def _cg(apply, rhs: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, int]:
+    """Conjugate gradients for the SPD system apply(x) = rhs from x = 0; stops at ‖r‖ ≤ tol·‖rhs‖.
+    Returns (x, iterations run). Dot products accumulate in float64."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rr = float(torch.sum(r.double() * r))
+    stop = tol * tol * rr
+    it = 0
+    for it in range(1, maxiter + 1):
+        if rr <= stop or rr == 0:
+            it -= 1
+            break
+        q = apply(p)
+        step = rr / float(torch.sum(p.double() * q))
+        x.add_(p, alpha=step)
+        r.sub_(q, alpha=step)
+        rr_new = float(torch.sum(r.double() * r))
+        p = r.add(p, alpha=rr_new / rr)
+        rr = rr_new
+    return x, it
 
 
 def _inputs(total_field, mask, voxel_size, dtype, device) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -230,52 +264,6 @@ def vsharp(
 # PDF
 
 
-class _LocalDipoleOperator:
-    """TEMPORARY stand-in for ``scripts.physics.DipoleOperator`` (being added on branch main): the same API
-    (``pad``, ``crop``, ``convolve``, ``forward``, ``adjoint``, ``kernel``, ``fft``, ``ifft``) over
-    :func:`scripts.physics.dipole_kernel`. Used only when ``physics.DipoleOperator`` cannot be imported; delete it
-    once main is merged."""
-
-    def __init__(self, shape, voxel_size, b0_direction, pad=0.5, device=None, dtype=torch.float32) -> None:
-        self.shape = tuple(int(s) for s in shape)
-        amounts = _pad_amounts(self.shape, pad)
-        self.padded_shape = tuple(fast_fft_size(n + 2 * p) for n, p in zip(self.shape, amounts))
-        self.before = tuple((p - n) // 2 for p, n in zip(self.padded_shape, self.shape))
-        self.kernel = dipole_kernel(self.padded_shape, voxel_size, b0_direction, device=device, dtype=dtype, rfft=True)
-
-    def _inner(self):
-        return tuple(slice(s, s + n) for s, n in zip(self.before, self.shape))
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(x.shape[:-3] + self.padded_shape)
-        out[(...,) + self._inner()] = x
-        return out
-
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        return x[(...,) + self._inner()]
-
-    def fft(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.fft.rfftn(x, dim=(-3, -2, -1))
-
-    def ifft(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.fft.irfftn(x, s=self.padded_shape, dim=(-3, -2, -1))
-
-    def convolve(self, x_padded: torch.Tensor) -> torch.Tensor:
-        return self.ifft(self.kernel * self.fft(x_padded))
-
-    def forward(self, chi: torch.Tensor) -> torch.Tensor:
-        return self.crop(self.convolve(self.pad(chi)))
-
-    def adjoint(self, field: torch.Tensor) -> torch.Tensor:
-        return self.forward(field)  # D is real and even: self-adjoint
-
-
-def _dipole_operator(shape, voxel, b0, pad, device, dtype):
-    if DipoleOperator is not None:
-        return DipoleOperator(shape, voxel, b0, pad=pad, device=device, dtype=dtype)
-    return _LocalDipoleOperator(shape, voxel, b0, pad=pad, device=device, dtype=dtype)
-
-
 def pdf(
     total_field,
     mask,
@@ -350,7 +338,7 @@ def pdf(
     else:
         lo, hi = [0, 0, 0], list(shape)
     box = tuple(slice(a, z) for a, z in zip(lo, hi))
-    op = _dipole_operator(tuple(z - a for a, z in zip(lo, hi)), voxel, b0_direction, pad, b.device, dtype)
+    op = DipoleOperator(tuple(z - a for a, z in zip(lo, hi)), voxel, b0_direction, pad, device=b.device, dtype=dtype)
     mp = op.pad(m[box].to(dtype))
     outside = 1.0 - mp
     w2 = op.pad((w[box] * w[box]).to(dtype)) * mp  # W² M
@@ -360,7 +348,7 @@ def pdf(
         return outside * op.convolve(w2 * op.convolve(outside * x))
 
     rhs = outside * op.convolve(w2 * bp)
-    chi_bg = _cg(normal, rhs, torch.zeros_like(rhs), float(tol), int(iterations))
+    chi_bg, _ = _cg(normal, rhs, float(tol), int(iterations))
     background = op.crop(op.convolve(outside * chi_bg))
     local = torch.zeros_like(b)
     local[box] = b[box] - background
