@@ -271,7 +271,7 @@ def pdf(
     b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
     *,
     iterations: int = 50,
-    tol: float = 1e-3,
+    tol: float = 1e-4,
     weight=None,
     pad: float | Sequence[int] = 0.25,
     crop: bool = True,
