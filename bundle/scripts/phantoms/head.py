@@ -123,7 +123,8 @@ class HeadPhantom:
 
     Keywords (ranges (min, max) drawn uniformly per head):
         brain: the :class:`BrainPhantom` (default: one with default options; ``lesions=`` etc. go there).
-        csf_mm: CSF layer around the (closed) brain surface; ``dura_mm``: its outermost part that is dura.
+        csf_mm: CSF layer around the (closed) brain surface; ``dura_mm``: its outermost part that is dura
+            (at least one voxel thick).
         skull_mm: skull thickness; ``diploe``: the diploë's share of it (centred).
         scalp_mm: scalp thickness.
         closing_mm: radius of the closing that smooths the brain surface into the inner skull surface.
@@ -279,7 +280,8 @@ class HeadPhantom:
         # intracranial: CSF, dura (outermost layer), extracerebral veins, brain
         labels[intracranial] = HEAD_LABELS["csf"]
         chi[intracranial] = 0.0
-        dura = intracranial & (d1 > csf - self.dura_mm) & ~brain
+        # at least one voxel thick, so that coarse grids keep a dura layer
+        dura = intracranial & (d1 > csf - max(self.dura_mm, max(voxel))) & ~brain
         labels[dura] = HEAD_LABELS["dura"]
         chi[dura] = values["dura"]
         brain_labels = out["labels"].cpu().numpy()
