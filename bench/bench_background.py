@@ -57,7 +57,7 @@ def main(argv=None) -> list[dict]:
     )
     for seed in args.seeds:
         t0 = time.perf_counter()
-        case = simulate_head_case(args.shape, voxel, seed=seed, snr=args.snr)
+        case = simulate_head_case(args.shape, voxel, seed=seed, snr=args.snr, bfr=None)
         sim_seconds = time.perf_counter() - t0
         brain, truth = case["brain_mask"], case["local_field_true"]
         depth = torch.from_numpy(ndimage.distance_transform_edt(brain.numpy(), sampling=voxel))

@@ -342,7 +342,7 @@ def simulate_head_case(
     b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
     seed: int = 0,
     snr: float | None = 40.0,
-    bfr: str | None = None,
+    bfr: str | None = "vsharp",
     *,
     phantom: HeadPhantom | None = None,
     bfr_options: Mapping[str, Any] | None = None,
@@ -361,8 +361,9 @@ def simulate_head_case(
         snr: noise σ = RMS of the true local field inside the brain mask / ``snr`` (the project's convention for
             local fields, so that BFR residuals compare with the noise of a local-field simulation), added to the
             total field inside the head; ``None`` for no noise.
-        bfr: ``None``, or a method of :data:`scripts.background.METHODS` (``"vsharp"``, ``"pdf"``) run on the total
-            field inside the brain mask, with ``bfr_options`` as keywords.
+        bfr: a method of :data:`scripts.background.METHODS` (``"vsharp"``, the default, or ``"pdf"``; see
+            ``bundle/docs/background.md`` for why) run on the noisy total field inside the brain mask, with
+            ``bfr_options`` as keywords; ``None`` skips it.
 
     Keywords:
         phantom: the :class:`HeadPhantom` (default options when None).
