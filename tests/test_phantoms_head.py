@@ -88,8 +88,11 @@ def test_bfr_output(case):
 
 
 def test_deterministic_by_seed(case):
-    again = simulate_head_case(SHAPE, VOX, seed=3, snr=40.0, bfr=None)
-    assert "local_field" not in again
+    again = simulate_head_case(SHAPE, VOX, seed=3, snr=40.0)  # default BFR: PDF, on the whole brain mask
+    assert torch.equal(again["bfr_mask"], case["brain_mask"]) and bool(
+        (again["local_field"][~case["brain_mask"]] == 0).all()
+    )
+    assert "local_field" not in simulate_head_case((40, 48, 44), (4.8, 4.8, 4.8), seed=3, bfr=None)
     for key in ("chi", "total_field", "local_field_true", "brain_mask", "labels", "head_labels"):
         assert torch.equal(again[key], case[key]), key
     other = HeadPhantom()(SHAPE, VOX, generator=torch.Generator().manual_seed(4))
