@@ -3,7 +3,7 @@
 Simulated cases (``--phantom random``: ``RandomSourcePhantom``, seeds 900+; ``--phantom brain``: the brain phantom
 with the *validation* seeds 10000+, never the evaluation seeds; noisy local field, 1 mm, B0 along z, plus
 optionally a 1×1×2 mm case tilted by 15° that goes through the resampling path) are reconstructed with the trained
-network, then refined with :func:`scripts.io.data_consistency` for each μ: the closed form (both ``fill`` variants)
+network, then refined with :func:`scripts.refine.data_consistency` for each μ: the closed form (both ``fill`` variants)
 and the mask-weighted CG solver with each ``--iterations``; scored with :func:`scripts.metrics.nrmse` (demeaned in
 the mask, %) and HFEN. The residual ‖b − D⊛χ‖/‖b‖ and the refinement's seconds are printed too.
 
@@ -27,11 +27,12 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.data import simulate_case  # noqa: E402
+from scripts.grid import ToNetworkGridd  # noqa: E402
 from scripts.inference import CropSlidingWindowInferer  # noqa: E402
-from scripts.io import ToNetworkGridd, data_consistency, dipole_residual  # noqa: E402
 from scripts.metrics import hfen, nrmse  # noqa: E402
 from scripts.networks import QSMGenerator, qsmgan_unet  # noqa: E402
 from scripts.phantoms import BrainPhantom, RandomSourcePhantom  # noqa: E402
+from scripts.refine import data_consistency, dipole_residual  # noqa: E402
 
 
 def load_network(path: str) -> QSMGenerator:
@@ -86,7 +87,11 @@ def main() -> None:
         shape = (args.shape[0], args.shape[1], args.shape[2] // 2)
         cases.append(("tilt15_1x1x2", 100, (1.0, 1.0, 2.0), (0.0, float(np.sin(t)), float(np.cos(t))), shape))
     phantom, first_seed = (BrainPhantom(), 10_000) if args.phantom == "brain" else (RandomSourcePhantom(), 900)
-    variants = [(f"closed/{fill}", dict(fill=fill)) for fill in ("network", "zero") if "closed_form" in args.solvers]
+    variants = [
+        (f"closed/{fill}", dict(solver="closed_form", fill=fill))
+        for fill in ("network", "zero")
+        if "closed_form" in args.solvers
+    ]
     if "cg" in args.solvers:
         variants += [(f"cg/{n}", dict(solver="cg", iterations=n)) for n in args.iterations]
     rows = []

@@ -29,9 +29,10 @@ from bench_data_consistency import load_network, network_chi  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 
 from scripts.data import simulate_case  # noqa: E402
-from scripts.io import ToNetworkGridd, data_consistency  # noqa: E402
+from scripts.grid import ToNetworkGridd  # noqa: E402
 from scripts.metrics import nrmse  # noqa: E402
 from scripts.phantoms import RandomSourcePhantom  # noqa: E402
+from scripts.refine import data_consistency  # noqa: E402
 
 GEOMETRIES = [  # name, voxel size (mm), tilt (degrees)
     ("1mm axial", (1.0, 1.0, 1.0), 0.0),
@@ -77,7 +78,7 @@ def main() -> None:
             trip.append(100 * float((back - field)[mask].norm() / field[mask].norm()))
             for variant, (vs, align) in variants.items():
                 chi = network_chi(net, field, affine, voxel_size=vs, align_b0=align) * mask
-                refined = data_consistency(chi, field, mask, args.dc_weight, voxel, b0)
+                refined = data_consistency(chi, field, mask, args.dc_weight, voxel, b0, solver="closed_form")
                 scores.setdefault(variant, []).append(nrmse(chi, truth, mask))
                 scores.setdefault(variant + "+DC", []).append(nrmse(refined, truth, mask))
         mean = lambda v: sum(v) / len(v)  # noqa: E731

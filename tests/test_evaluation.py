@@ -14,9 +14,8 @@ from PIL import Image
 
 from scripts.baselines import METHODS, tkd
 from scripts.evaluation import EvaluationReport, markdown_table, summarise
-from scripts.inference import voxel_size_from_affine
 from scripts.networks import QSMGenerator, qsmgan_unet
-from scripts.physics import b0_direction_from_affine
+from scripts.physics import b0_direction_from_affine, voxel_size_from_affine
 
 CONFIGS = "['configs/inference.json','configs/evaluate.json']"
 # a tiny simulated set: 40×48×40 voxels of 3.5 mm (a whole, coarse brain), the network run on a 2.5 mm grid (the
@@ -116,8 +115,11 @@ def test_both_run_ids_are_defined():
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / "inference.json"), str(BUNDLE / "configs" / "evaluate.json")])
     for run_id in ("run", "evaluating"):
-        assert parser.get(run_id) == ["$@evaluator.run()"]
+        assert parser.get(run_id)[-1] == "$@evaluator.run()"
     assert parser.get("methods") == list(METHODS)
+    # merged over inference.json, the require_configs check passes and the report handler replaces CaseReport
+    assert parser.get("merged_configs") == ["inference.json", "evaluate.json"]
+    assert parser.get("report_handlers") == ["@evaluation_report"]
 
 
 def test_report_rejects_unknown_methods_and_merges_options():

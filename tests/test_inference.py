@@ -1,15 +1,13 @@
-"""Crop-aware sliding-window inference: stitching is exact for any volume shape; previews; datalists."""
+"""Crop-aware sliding-window inference: stitching is exact for any volume shape; checkpoints load on any device."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from scripts.inference import CropSlidingWindowInferer, inference_datalist, preview_image
-from scripts.networks import CenterCrop3d
+from scripts.checks import FieldSettings
+from scripts.inference import CropSlidingWindowInferer
+from scripts.networks import CenterCrop3d, QSMGenerator, qsmgan_unet
 
 
 def local_net(margin=8, seed=0):
@@ -69,24 +67,32 @@ def test_wrong_margin_is_reported():
         CropSlidingWindowInferer(16, 8)
 
 
-def test_preview_layout():
-    vol = np.zeros((20, 30, 10), dtype=np.float32)
-    vol[10, 15, 5] = 1.0
-    image = preview_image([vol, vol])
-    # axial (x across, y up) | coronal (x across, z up) | sagittal (y across, z up), two rows
-    assert image.size == (20 + 2 + 20 + 2 + 30 + 2, 2 * (30 + 2))
-    assert np.asarray(image).max() == 255
+def test_gpu_saved_checkpoint_loads_on_cpu_with_weights_only(tmp_path, monkeypatch):
+    """MONAI 1.6.1's CheckpointLoader (as inference.json uses it) maps to the device at hand, weights only."""
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
 
-
-def test_inference_datalist(tmp_path):
-    (tmp_path / "a.nii.gz").write_bytes(b"")
-    listing = {"testing": [{"image": "a.nii.gz", "mask": "m.nii.gz"}, "b.nii.gz"]}
-    path = tmp_path / "list.json"
-    path.write_text(json.dumps(listing))
-    items = inference_datalist(datalist=str(path))
-    assert items[0] == {"image": str(tmp_path / "a.nii.gz"), "mask": str(tmp_path / "m.nii.gz")}
-    assert items[1] == {"image": str(tmp_path / "b.nii.gz")}
-    with pytest.raises(ValueError, match="not both"):
-        inference_datalist(field="x.nii.gz", datalist=str(path))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        inference_datalist(datalist=str(tmp_path / "missing.json"))
+    torch.manual_seed(1)
+    saved = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)))
+    path = tmp_path / "gpu_model.pt"
+    # tag every storage as CUDA, as torch.save does on a GPU machine
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved.state_dict(), path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    torch.manual_seed(2)
+    net = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)))
+    engine = Engine(lambda e, b: None)
+    CheckpointLoader(load_path=str(path), load_dict={"model": net}, map_location=torch.device("cpu")).attach(engine)
+    engine.run([0], max_epochs=1)
+    for a, b in zip(net.state_dict().values(), saved.state_dict().values()):
+        assert torch.equal(a, b)
+    # weights_only: a checkpoint that would run code when unpickled is refused
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": saved.state_dict(), "extra": FieldSettings()}, evil)
+    engine = Engine(lambda e, b: None)
+    CheckpointLoader(load_path=str(evil), load_dict={"model": net}, map_location=torch.device("cpu")).attach(engine)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
+        engine.run([0], max_epochs=1)

@@ -156,7 +156,15 @@ def test_operator_pads_to_fast_fft_sizes():
     assert op.kernel.shape == (op.pshape[0], op.pshape[1], op.pshape[2] // 2 + 1)
     assert DipoleOperator((7, 11, 13), (1, 1, 1), (0, 0, 1), pad=0).pshape == (7, 11, 13)  # pad 0: as given
     assert DipoleOperator((10, 10, 10), (1, 1, 1), (0, 0, 1), pad=(3, 0, 1)).pshape == (16, 10, 12)
-    assert [fast_fft_size(n) for n in (1, 7, 11, 13, 97, 121, 128)] == [1, 8, 12, 15, 100, 125, 128]
+    assert [fast_fft_size(n) for n in (1, 7, 11, 13, 97, 121, 181, 200)] == [1, 8, 12, 15, 100, 125, 192, 200]
+    for n in range(1, 300):
+        m = fast_fft_size(n)
+        assert n <= m <= n + n // 4 + 1
+        rest = m
+        for p in (2, 3, 5):
+            while rest % p == 0:
+                rest //= p
+        assert rest == 1
     # batched (..., X, Y, Z) volumes, and forward_field is the operator
     chi = torch.randn(2, 1, 67, 61, 50, generator=torch.Generator().manual_seed(0))
     field = op.forward(chi)

@@ -60,7 +60,7 @@ def test_tracked_tree_is_at_most_48_mib():
     total = sum(sizes.values())
     largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
     assert total <= TREE_LIMIT_BYTES, f"tracked tree {total / 2**20:.1f} MiB > 48 MiB; largest: {largest}"
-    assert not [f for f in sizes if "/eval" in f or "/outputs/" in f or "/runs/" in f], "run outputs are tracked"
+    assert not [f for f in sizes if "/eval/" in f or "/outputs/" in f or "/runs/" in f], "run outputs are tracked"
 
 
 def test_shipped_generator_beats_tkd_on_a_held_out_case(generator):

@@ -293,32 +293,38 @@ class SimulatedVolumes(Dataset):
 _KEYS = {"image": "field", "label": "chi", "mask": "mask"}
 
 
-def training_loader(
-    synthetic: SyntheticPatchStream,
-    datalist: str | None = None,
-    transforms: Compose | None = None,
-    batch_size: int = 2,
-    num_workers: int = 0,
-) -> DataLoader:
-    """The training DataLoader: the synthetic stream, or the ``training`` list of a user datalist JSON.
+def training_dataset(
+    synthetic: SyntheticPatchStream, datalist: str | None = None, transform: Compose | None = None
+) -> IterableDataset | Dataset:
+    """The training data (``train#dataset``): the synthetic stream, or the ``training`` list of a user datalist JSON.
 
     Arguments:
         synthetic: the synthetic engine, used when ``datalist`` is None.
         datalist: path to a MONAI datalist JSON whose ``training`` items have ``image`` (local field, ppm),
             ``label`` (χ, ppm) and ``mask`` NIfTI paths, relative to the JSON's folder.
-        transforms: MONAI transforms that load and patch-sample the user's items (see ``train.json``).
+        transform: MONAI transforms that load and patch-sample the user's items (``train#preprocessing``).
     """
     if datalist is None:
-        # the stream yields whole batches: no collation (MONAI's list collate expects a list of samples)
-        return torch.utils.data.DataLoader(synthetic, batch_size=None, num_workers=num_workers)
-    if transforms is None:
-        raise ValueError("a datalist needs the loading/patch-sampling transforms (train#user_transforms)")
+        return synthetic
+    if transform is None:
+        raise ValueError("a datalist needs the loading/patch-sampling transforms (train#preprocessing)")
     items = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key="training")
+    return Dataset(items, transform=transform)
+
+
+def training_loader(dataset: IterableDataset | Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """The training DataLoader of :func:`training_dataset`'s data.
+
+    The synthetic stream yields whole batches (no collation: MONAI's list collate expects a list of samples); a
+    user dataset is shuffled (one shard per rank with several processes) and collated into ``batch_size``.
+    """
+    if isinstance(dataset, IterableDataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
     sampler = None
     if _rank_and_world()[1] > 1:
-        sampler = torch.utils.data.DistributedSampler(items)
+        sampler = torch.utils.data.DistributedSampler(dataset)
     return DataLoader(
-        Dataset(items, transform=transforms),
+        dataset,
         batch_size=batch_size,
         shuffle=sampler is None,
         sampler=sampler,

@@ -1,7 +1,7 @@
 """Evaluation workflow: the network and the classical inversions side by side on cases with a known χ.
 
 ``configs/evaluate.json`` (merged over ``configs/inference.json``) runs the network exactly as inference does —
-the same preprocessing (``scripts.io.PrepareFieldd``, ``ToNetworkGridd``), sliding-window inferer and
+the same preprocessing (``scripts.grid.PrepareFieldd``, ``ToNetworkGridd``), sliding-window inferer and
 postprocessing (``Invertd`` back to the input grid, the data-consistency step, the NIfTI/PNG/report writers) — on
 cases with ground truth: the ``testing`` items of ``--datalist``, or, without one, a small simulated set (a healthy
 brain, a brain with lesions and a random-source volume, :func:`evaluation_datalist`). The tissue ``labels`` and
@@ -31,10 +31,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .inference import output_stem, preview_image, voxel_size_from_affine
-from .io import atomic_output
+from .checks import inference_datalist, output_stem
+from .physics import voxel_size_from_affine
+from .writers import atomic_output, preview_image
 
-__all__ = ["EvaluationReport", "evaluation_datalist", "summarise", "markdown_table", "write_tables"]
+__all__ = ["EvaluationReport", "evaluation_datalist", "summarise", "markdown_table", "write_tables", "require_configs"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,21 @@ TABLE_METRICS = (
 )
 
 
+def require_configs(merged: Sequence[str], *needed: str) -> None:
+    """Stop with a message naming the config files a config needs when they were not merged before it.
+
+    Each config file adds its name to the list ``merged_configs`` (``inference.json`` sets it, ``evaluate.json``
+    appends with ``+merged_configs``), so ``evaluate.json`` alone fails here, before anything else, with the command
+    that works instead of a ``KeyError`` on the first missing id.
+    """
+    missing = [name for name in needed if name not in merged]
+    if missing:
+        raise SystemExit(
+            f"this config needs {', '.join(missing)} merged before it (it extends that workflow); run it as "
+            "python -m monai.bundle run evaluating --config_file \"['configs/inference.json','configs/evaluate.json']\""
+        )
+
+
 def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping | None = None) -> list[dict]:
     """Cases with ground truth: the ``testing`` items of ``datalist``, or a small simulated set.
 
@@ -60,8 +76,6 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
         output_dir: where the simulated set is written when ``datalist`` is None.
         simulate: keyword arguments of :func:`scripts.simulate.write_dataset` for that set (its ``sets``).
     """
-    from .inference import inference_datalist
-
     if datalist is None:
         from .simulate import write_dataset
 
@@ -106,7 +120,7 @@ class EvaluationReport:
 
     Per case it reads, from the evaluator's decollated batch and output (``configs/evaluate.json``): ``pred`` (the
     network's χ, brought back to the input grid by ``Invertd``), ``image`` (the local field on the input grid, after
-    ``scripts.io.InputFieldd``), ``label`` (true χ), ``eval_mask`` (the mask ``PrepareFieldd`` used) and, when the
+    ``scripts.grid.InputFieldd``), ``label`` (true χ), ``eval_mask`` (the mask ``PrepareFieldd`` used) and, when the
     datalist has them, ``labels`` (tissue labels) and ``lesion_ids`` (lesion instances). Voxel size and B0 direction
     come from the field's affine (B0 = world z) unless ``b0_direction`` is given. Every method is scored on the
     dataset's own grid with :func:`scripts.metrics.compute_all`.

@@ -1,16 +1,21 @@
-"""Whole-volume inference: crop-aware sliding windows, the inference datalist and demo case, previews.
+"""Whole-volume inference: the crop-aware sliding-window inferer and the per-case comparison with the truth.
 
 :class:`CropSlidingWindowInferer` tiles a volume with the network's *output* cubes. A network that maps a
 ``roi``³ window to its central ``(roi − 2·margin)``³ is applied at a stride of exactly ``roi − 2·margin``, after
 the volume has been zero-padded by ``margin`` (and up to a whole number of tiles), so every output voxel comes
 from exactly one window and no blending is needed. MONAI's ``SlidingWindowInferer`` would read a smaller output
-as a zoomed one and blend, so it is not used here.
+as a zoomed one and blend, so it is not used here. :class:`CaseReport` scores cases that come with a true χ.
+
+The rest of the inference workflow (``configs/inference.json``): :mod:`scripts.checks` (which cases, checked),
+:mod:`scripts.demo` (the demo case), :mod:`scripts.grid` (units and the network's grid), :mod:`scripts.refine`
+(data consistency, residual), :mod:`scripts.writers` (outputs).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -19,35 +24,13 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import MapTransform
 
-from .io import atomic_output
+from .baselines import tkd
+from .checks import output_stem
+from .metrics import hfen, nrmse, xsim
+from .physics import b0_direction_from_affine, voxel_size_from_affine
 
-__all__ = [
-    "CropSlidingWindowInferer",
-    "inference_datalist",
-    "write_demo_case",
-    "DefaultMaskd",
-    "SavePreviewd",
-    "CaseReport",
-    "preview_image",
-    "output_stem",
-    "file_stem",
-]
-
-
-def file_stem(path: str) -> str:
-    """File name without folder and image extension (``/data/sub-01_field.nii.gz`` → ``sub-01_field``)."""
-    base = os.path.basename(str(path))
-    for ext in (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha", ".gz"):
-        if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
-
-
-def output_stem(image) -> str:
-    """File stem of the input a MetaTensor was read from (``sub-01_field.nii.gz`` → ``sub-01_field``)."""
-    return file_stem(str(getattr(image, "meta", {}).get("filename_or_obj", "case")))
+__all__ = ["CropSlidingWindowInferer", "CaseReport"]
 
 
 class CropSlidingWindowInferer(Inferer):
@@ -143,188 +126,15 @@ class CropSlidingWindowInferer(Inferer):
         return tuple(slice(s + offset, s + offset + size) for s in start)
 
 
-def write_demo_case(output_dir: str, seed: int = 2024, shape: Sequence[int] = (160, 192, 160)) -> dict[str, str]:
-    """Simulate the built-in demo case and write it as NIfTI into ``output_dir/demo_input``.
-
-    The demo is a 1 mm brain phantom (:class:`scripts.phantoms.BrainPhantom`, B0 along the third axis) with four
-    cerebral microbleeds, a lesion type never inserted during training; its field carries noise at SNR 40.
-
-    Writes ``field.nii.gz`` (local field, ppm), ``mask.nii.gz``, ``chi_truth.nii.gz`` (χ, ppm), ``labels.nii.gz``
-    (tissue labels) and ``lesion_ids.nii.gz`` (one id per microbleed) and returns a datalist item
-    ``{"image", "mask", "label"}`` of the first three.
-    """
-    import nibabel as nib
-
-    from .data import simulate_case
-    from .phantoms import BrainPhantom
-
-    case = simulate_case(
-        BrainPhantom(lesions={"microbleed": 4}), shape, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), snr=40.0, seed=seed
-    )
-    folder = os.path.join(output_dir, "demo_input")
-    os.makedirs(folder, exist_ok=True)
-    paths = {}
-    names = {"image": "field", "mask": "mask", "label": "chi_truth", "labels": "labels", "lesion_ids": "lesion_ids"}
-    sources = {"image": "field", "mask": "mask", "label": "chi", "labels": "labels", "lesion_ids": "lesion_ids"}
-    for key, name in names.items():
-        volume = case[sources[key]].numpy()
-        volume = volume.astype(np.int16 if key in ("labels", "lesion_ids") else np.float32)
-        path = os.path.join(folder, f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(volume, case["affine"].numpy()), path)
-        if key in ("image", "mask", "label"):
-            paths[key] = path
-    return paths
-
-
-def inference_datalist(
-    field: str | None = None,
-    mask: str | None = None,
-    datalist: str | None = None,
-    output_dir: str = "./outputs",
-    demo_seed: int = 2024,
-) -> list[dict[str, str]]:
-    """The list of cases to reconstruct.
-
-    Arguments:
-        field: one local field NIfTI (ppm unless ``field_unit`` says otherwise).
-        mask: its brain mask NIfTI (optional; without it the mask is where the field is non-zero).
-        datalist: a MONAI datalist JSON; its ``testing`` items (else ``validation``, else ``training``) with
-            ``image`` (field), optional ``mask`` and optional ``label`` (true χ, reported against).
-        output_dir: where the demo case is written when neither ``field`` nor ``datalist`` is given.
-    """
-    if field is not None and datalist is not None:
-        raise ValueError("give either --field (one case) or --datalist (many cases), not both")
-    if field is not None:
-        item = {"image": os.path.abspath(field)}
-        if mask is not None:
-            item["mask"] = os.path.abspath(mask)
-        return [item]
-    if datalist is not None:
-        if not os.path.isfile(datalist):
-            raise FileNotFoundError(f"datalist {datalist!r} does not exist")
-        with open(datalist) as f:
-            content = json.load(f)
-        base = os.path.dirname(os.path.abspath(datalist))
-        for key in ("testing", "validation", "training"):
-            if content.get(key):
-                items = content[key]
-                break
-        else:
-            raise ValueError(f"datalist {datalist!r} has no 'testing', 'validation' or 'training' items")
-        out = []
-        for i, item in enumerate(items):
-            if isinstance(item, str):
-                item = {"image": item}
-            if "image" not in item:
-                raise ValueError(f"datalist {datalist!r} item {i} has no 'image' (local field) entry")
-            out.append({k: os.path.join(base, v) for k, v in item.items() if k in ("image", "mask", "label")})
-        return out
-    return [write_demo_case(output_dir, seed=demo_seed)]
-
-
-def preview_image(volumes: Sequence[np.ndarray], window: tuple[float, float] = (-0.15, 0.25), center=None):
-    """A Pillow image with one row per volume: axial, coronal and sagittal slices, grey window ``window`` (ppm).
-
-    Arguments:
-        volumes: 3D arrays (X, Y, Z) of the same shape, in RAS-like voxel order (slices are shown with
-            anterior/superior up).
-        center: voxel (x, y, z) the slices pass through (default: the middle of the volume).
-    """
-    from PIL import Image
-
-    shape = volumes[0].shape
-    cx, cy, cz = center if center is not None else [s // 2 for s in shape]
-    lo, hi = window
-    rows = []
-    for vol in volumes:
-        views = [vol[:, :, cz], vol[:, cy, :], vol[cx, :, :]]  # axial, coronal, sagittal
-        tiles = [np.rot90(np.clip((v - lo) / (hi - lo), 0, 1)) for v in views]
-        height = max(t.shape[0] for t in tiles)
-        tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 2))) for t in tiles]
-        rows.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in rows)
-    canvas = np.concatenate([np.pad(r, ((0, 2), (0, width - r.shape[1]))) for r in rows], axis=0)
-    return Image.fromarray((canvas * 255).astype(np.uint8), mode="L")
-
-
-def _centre(profile: np.ndarray) -> int:
-    return int(round(float(np.average(np.arange(len(profile)), weights=profile))))
-
-
-class SavePreviewd(MapTransform):
-    """Write a PNG preview (axial, coronal, sagittal slices) of ``keys`` beside the NIfTI output.
-
-    The file is ``{output_dir}/{input name}_chi.png``; with ``truth_key`` present, the true χ is a second row.
-    Slices pass through the centre of mass of the mask when ``mask_key`` is present. It is written under a temporary
-    name and renamed; an existing file is replaced only with ``overwrite``.
-    """
-
-    def __init__(
-        self,
-        keys="pred",
-        output_dir: str = "./outputs",
-        output_postfix: str = "chi",
-        mask_key: str = "eval_mask",
-        truth_key: str = "label",
-        window: Sequence[float] = (-0.15, 0.25),
-        overwrite: bool = True,
-    ) -> None:
-        from .io import as_bool
-
-        super().__init__(keys, allow_missing_keys=True)
-        self.output_dir, self.postfix = output_dir, output_postfix
-        self.mask_key, self.truth_key = mask_key, truth_key
-        self.window = (float(window[0]), float(window[1]))
-        self.overwrite = as_bool(overwrite, "overwrite")
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            vol = np.asarray(d[key].detach().cpu())[0]
-            rows = [vol]
-            if self.truth_key in d and d[self.truth_key] is not None:
-                rows.insert(0, np.asarray(d[self.truth_key].detach().cpu())[0])
-            center = None
-            if self.mask_key in d:
-                m = np.asarray(d[self.mask_key].detach().cpu())[0] > 0
-                if m.any():  # centre of mass from the three projections (no index arrays of the whole mask)
-                    center = [_centre(m.sum(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
-            path = os.path.join(self.output_dir, f"{output_stem(d[key])}_{self.postfix}.png")
-            with atomic_output(path, self.overwrite) as tmp:
-                preview_image(rows, self.window, center).save(tmp)
-        return d
-
-
-class DefaultMaskd(MapTransform):
-    """Give a case without a ``mask`` one: the voxels where the field is non-zero (and finite)."""
-
-    def __init__(self, keys="image", mask_key: str = "mask") -> None:
-        super().__init__(keys)
-        self.mask_key = mask_key
-
-    def __call__(self, data):
-        d = dict(data)
-        if d.get(self.mask_key) is None:
-            key = self.first_key(d)
-            field = torch.as_tensor(d[key])
-            d[self.mask_key] = ((field != 0) & torch.isfinite(field)).float()
-        return d
-
-
-def voxel_size_from_affine(affine) -> tuple[float, float, float]:
-    """Voxel size (mm) from a voxel-to-world affine: the lengths of its first three columns."""
-    a = np.asarray(affine, dtype=np.float64)
-    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
-
-
 class CaseReport:
     """Log, per reconstructed case, how it compares with the known truth and with TKD on the same field.
 
     Cases that come with a ``label`` (true χ) get NRMSE (%), XSIM and HFEN (%) of the network and of TKD
-    (δ = 0.15) inside the mask, logged and written to ``{output_dir}/metrics.json``.
+    (threshold ``tkd_threshold``, ``inference.json``: 0.15) inside the mask, logged and written to
+    ``{output_dir}/metrics.json``.
     """
 
-    def __init__(self, output_dir: str = "./outputs", tkd_threshold: float = 0.15) -> None:
+    def __init__(self, output_dir: str, tkd_threshold: float) -> None:
         self.output_dir, self.tkd_threshold = output_dir, float(tkd_threshold)
         self.records: list[dict] = []
 
@@ -342,12 +152,6 @@ class CaseReport:
 
     def report(self, item: dict) -> None:
         """Compare one case (``image``, ``label``, ``eval_mask``, ``pred``) with its truth, and TKD with it."""
-        import logging
-
-        from .baselines import tkd
-        from .metrics import hfen, nrmse, xsim
-        from .physics import b0_direction_from_affine
-
         field, truth, mask = (item[k].detach().cpu().float()[0] for k in ("image", "label", "eval_mask"))
         affine = item["image"].affine if hasattr(item["image"], "affine") else np.eye(4)
         voxel, b0 = voxel_size_from_affine(affine), b0_direction_from_affine(affine)

@@ -307,22 +307,12 @@ def forward_field(
 
 
 def masked_mean(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``volume`` inside ``mask`` over the last three axes, shape (..., 1, 1, 1), accumulated in float64.
-
-    An empty mask gives 0. A single volume (3 dimensions) is summed in slabs, so a whole head never needs a
-    float64 copy.
-    """
-    volume, inside = torch.broadcast_tensors(volume, mask > 0 if mask.dtype != torch.bool else mask)
-    if volume.ndim == 3:
-        total = torch.zeros((), dtype=torch.float64, device=volume.device)
-        count = 0
-        for xs, ms in zip(volume.split(8), inside.split(8)):
-            total += xs[ms].sum(dtype=torch.float64)
-            count += int(ms.sum())
-        return (total / max(count, 1)).to(volume.dtype).reshape(1, 1, 1)
+    """Mean of ``volume`` inside ``mask`` over the last three axes, shape (..., 1, 1, 1), accumulated in float64
+    (the reduction casts on the fly: one temporary of ``volume``'s size and dtype). An empty mask gives 0."""
+    inside = mask > 0 if mask.dtype != torch.bool else mask
+    volume, inside = torch.broadcast_tensors(volume, inside)
     dims = (-3, -2, -1)
-    total = torch.where(inside, volume, torch.zeros((), dtype=volume.dtype, device=volume.device))
-    total = total.sum(dim=dims, keepdim=True, dtype=torch.float64)
+    total = torch.where(inside, volume, 0.0).sum(dim=dims, keepdim=True, dtype=torch.float64)
     count = inside.sum(dim=dims, keepdim=True).clamp_min(1)
     return (total / count).to(volume.dtype)
 

@@ -1,0 +1,279 @@
+"""What every classical inversion shares: the padded problem (:class:`Frame`), finite differences, LSQR and CG.
+
+The frame (steps 1–4 of every method, see ``docs/baselines.md``): the field is demeaned inside the mask and zeroed
+outside it; it is zero-padded and the dipole convolution, FFTs and crop are those of
+:class:`scripts.physics.DipoleOperator`; χ is cropped back and set to 0 outside the mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..physics import DipoleOperator, demean_in_mask
+
+#: Default zero padding per side, as a fraction of each dimension (before rounding up to a fast FFT size).
+DEFAULT_PAD = 0.125
+
+
+class Frame:
+    """The padded problem: local field, mask and dipole operator on the padded grid, and the way back.
+
+    Attributes:
+        op: the :class:`~scripts.physics.DipoleOperator` (padding, FFTs, D).
+        shape, pshape: original and padded spatial shapes.
+        b, m: padded local field (ppm) and boolean mask.
+        D: dipole kernel on the rfft half spectrum of the padded grid (``op.kernel``; not to be modified).
+        voxel: voxel size (mm).
+    """
+
+    def __init__(
+        self,
+        field,
+        mask,
+        voxel_size: Sequence[float],
+        b0_direction: Sequence[float],
+        pad: float | Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        b = as_volume(field, "field", dtype, device)
+        device = b.device
+        m = as_volume(mask, "mask", dtype, device) > 0 if mask is not None else b != 0
+        if m.shape != b.shape:
+            raise ValueError(f"mask shape {tuple(m.shape)} differs from the field's {tuple(b.shape)}")
+        if not bool(m.any()):
+            raise ValueError("the mask is empty: no voxel > 0")
+        self.voxel = tuple(float(v) for v in voxel_size)
+        if len(self.voxel) != 3 or min(self.voxel) <= 0:
+            raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
+        self.dtype, self.device = dtype, device
+        self.op = DipoleOperator(b.shape, self.voxel, b0_direction, pad, device=device, dtype=dtype)
+        self.shape, self.pshape = self.op.shape, self.op.pshape
+        self.b = self.op.pad(demean_in_mask(b, m))  # a local field: demeaned inside the mask, zero outside
+        self.m = self.op.pad(m)
+        self.D = self.op.kernel
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.pad(x)
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.crop(x)
+
+    def result(self, chi_padded: torch.Tensor) -> torch.Tensor:
+        """χ cropped back to the input grid, zero outside the mask, contiguous."""
+        return (self.crop(chi_padded) * self.crop(self.m)).contiguous()
+
+    def fft(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.fft(x)
+
+    def ifft(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.ifft(x)
+
+    def dipole(self, x: torch.Tensor) -> torch.Tensor:
+        """D ⊛ x on the padded grid (periodic), x real."""
+        return self.op.convolve(x)
+
+    def gradient_symbol(self) -> torch.Tensor:
+        """Σ_i |E_i|² = Σ_i (2 − 2cos(2πn_i/N_i))/Δ_i² on the rfft half spectrum (the symbol of ∇ᵀ∇ = −Δ)."""
+        out = torch.zeros_like(self.D)
+        for axis, (n, d) in enumerate(zip(self.pshape, self.voxel)):
+            length = self.D.shape[axis]
+            idx = torch.arange(length, device=self.device, dtype=torch.float64)
+            term = ((2.0 - 2.0 * torch.cos(2.0 * math.pi * idx / n)) / (d * d)).to(self.dtype)
+            view = [1, 1, 1]
+            view[axis] = length
+            out = out + term.view(view)
+        return out
+
+    def smv_symbol(self, radius_mm: float) -> torch.Tensor:
+        """Fourier symbol (real) of the spherical mean value filter of radius ``radius_mm``."""
+        axes = []
+        for n, d in zip(self.pshape, self.voxel):
+            i = torch.arange(n, device=self.device, dtype=torch.float64)
+            axes.append(torch.minimum(i, n - i) * d)  # distance (mm) from the origin, periodic
+        r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+        ball = (r2 <= radius_mm * radius_mm).to(self.dtype)
+        ball = ball / ball.sum()
+        return self.fft(ball).real
+
+
+def as_volume(x, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """A (X, Y, Z) tensor (leading singleton dims dropped) of ``dtype`` on ``device`` (default: x's own)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        if hasattr(t, "as_tensor"):  # MONAI MetaTensor
+            t = t.as_tensor()
+    else:
+        t = torch.as_tensor(np.asarray(x))
+    if t.is_complex():
+        raise ValueError(f"{name} must be real-valued")
+    while t.ndim > 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be a 3D volume (X, Y, Z), got shape {tuple(x.shape)}")
+    t = t.to(device=device if device is not None else t.device, dtype=dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has NaN or infinite values")
+    return t
+
+
+def grad(x: torch.Tensor, voxel: Sequence[float], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Periodic forward differences (3, X, Y, Z) per mm: out[i] = (x shifted by −1 along i − x)/Δ_i."""
+    out = x.new_empty((3, *x.shape)) if out is None else out
+    for i in range(3):
+        n = x.shape[i]
+        o, xi = out[i].movedim(i, 0), x.movedim(i, 0)
+        torch.sub(xi[1:], xi[:-1], out=o[: n - 1])
+        torch.sub(xi[:1], xi[n - 1 :], out=o[n - 1 :])
+        out[i].mul_(1.0 / voxel[i])
+    return out
+
+
+def grad_adjoint(g: torch.Tensor, voxel: Sequence[float], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adjoint of :func:`grad` (= −div with periodic backward differences): Σ_i (g_i shifted by +1 − g_i)/Δ_i."""
+    out = torch.zeros_like(g[0]) if out is None else out.zero_()
+    for i in range(3):
+        n = g.shape[i + 1]
+        o, gi = out.movedim(i, 0), g[i].movedim(i, 0)
+        scale = 1.0 / voxel[i]
+        o[1:].add_(gi[: n - 1], alpha=scale)
+        o[:1].add_(gi[n - 1 :], alpha=scale)
+        o.sub_(gi, alpha=scale)
+    return out
+
+
+def percentiles(values: torch.Tensor, qs: Sequence[float]) -> list[float]:
+    """Percentiles (0–100, linear interpolation) of a 1-D tensor of any length (``torch.quantile`` caps it)."""
+    v = torch.sort(values.flatten().double()).values
+    n = v.numel()
+    out = []
+    for q in qs:
+        pos = (n - 1) * float(q) / 100.0
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, n - 1)
+        out.append(float(v[lo] + (v[hi] - v[lo]) * (pos - lo)))
+    return out
+
+
+def ramp_down(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """1 below ``lo``, 0 above ``hi``, linear in between."""
+    if hi <= lo:
+        return (x <= lo).to(x.dtype)
+    return ((hi - x) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum(dtype=torch.float64))
+
+
+def norm(a: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.flatten(), dtype=torch.float64))
+
+
+def lsqr(
+    A: Callable[[torch.Tensor], torch.Tensor],
+    AT: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    x_like: torch.Tensor,
+    tol: float = 1e-2,
+    maxiter: int = 50,
+) -> tuple[torch.Tensor, int]:
+    """LSQR (Paige & Saunders 1982) for min ‖A x − b‖₂, x₀ = 0, real tensors.
+
+    Stops (as MATLAB's ``lsqr``) when ‖r‖ ≤ tol·‖b‖ or ‖Aᵀr‖ ≤ tol·‖A‖·‖r‖ (‖A‖ the Frobenius estimate of the
+    bidiagonalisation), or after ``maxiter`` iterations. Returns (x, iterations).
+    """
+    x = torch.zeros_like(x_like)
+    beta = norm(b)
+    if beta == 0:
+        return x, 0
+    u = b / beta
+    v = AT(u)
+    alpha = norm(v)
+    if alpha == 0:
+        return x, 0
+    v = v / alpha
+    w = v.clone()
+    phibar, rhobar, bnorm, anorm2 = beta, alpha, beta, 0.0
+    it = 0
+    for it in range(1, maxiter + 1):
+        u = A(v).sub_(u, alpha=alpha)
+        beta = norm(u)
+        if beta > 0:
+            u.div_(beta)
+        anorm2 += alpha * alpha + beta * beta
+        v = AT(u).sub_(v, alpha=beta)
+        alpha = norm(v)
+        if alpha > 0:
+            v.div_(alpha)
+        rho = math.hypot(rhobar, beta)
+        c, s = rhobar / rho, beta / rho
+        theta, rhobar = s * alpha, -c * alpha
+        phi, phibar = c * phibar, s * phibar
+        x.add_(w, alpha=phi / rho)
+        w = v.sub(w, alpha=theta / rho)
+        if phibar <= tol * bnorm or phibar * alpha * abs(c) <= tol * math.sqrt(anorm2) * phibar:
+            break
+    return x, it
+
+
+def cg(
+    apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, x0: torch.Tensor, tol: float, maxiter: int
+) -> torch.Tensor:
+    """Conjugate gradients for the SPD system apply(x) = rhs from x0; stops at ‖r‖ ≤ tol·‖rhs‖."""
+    x = x0.clone()
+    r = rhs - apply(x)
+    p = r.clone()
+    rr = dot(r, r)
+    stop = (tol * norm(rhs)) ** 2
+    for _ in range(maxiter):
+        if rr <= stop:
+            break
+        q = apply(p)
+        step = rr / dot(p, q)
+        x.add_(p, alpha=step)
+        r.sub_(q, alpha=step)
+        rr_new = dot(r, r)
+        p = r.add(p, alpha=rr_new / rr)
+        rr = rr_new
+    return x
+
+
+def weighted_percentiles(values: torch.Tensor, last_axis_weights: torch.Tensor, qs: Sequence[float]) -> list[float]:
+    """Percentiles of ``values`` where each entry counts ``last_axis_weights[z]`` times (nearest rank)."""
+    weights = torch.broadcast_to(last_axis_weights, values.shape).flatten()
+    order = torch.argsort(values.flatten())
+    sorted_values = values.flatten()[order].double()
+    cum = torch.cumsum(weights[order], 0)
+    total = float(cum[-1])
+    out = []
+    for q in qs:
+        idx = int(torch.searchsorted(cum, torch.tensor(total * q / 100.0, dtype=cum.dtype, device=cum.device)))
+        out.append(float(sorted_values[min(idx, sorted_values.numel() - 1)]))
+    return out
+
+
+def fit_line(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Least-squares y ≈ a·x + c (float64); (1, 0) when x is constant."""
+    x, y = x.double(), y.double()
+    xm, ym = x.mean(), y.mean()
+    var = float(((x - xm) ** 2).sum())
+    if var <= 0:
+        return 1.0, 0.0
+    a = float(((x - xm) * (y - ym)).sum()) / var
+    return a, float(ym) - a * float(xm)
+
+
+def laplacian_in_mask(x: torch.Tensor, m: torch.Tensor, voxel: Sequence[float]) -> torch.Tensor:
+    """7-point Laplacian of ``x`` using only neighbours inside the mask (one-sided at its border), 0 outside."""
+    mf = m.to(x.dtype)
+    out = torch.zeros_like(x)
+    for i in range(3):
+        for shift in (1, -1):
+            nb, nm = torch.roll(x, shift, dims=i), torch.roll(mf, shift, dims=i)
+            out += nm * (nb - x) / (voxel[i] * voxel[i])
+    return out * mf

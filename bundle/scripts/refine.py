@@ -1,0 +1,238 @@
+"""The physics check on every result: the data-consistency refinement and the dipole residual.
+
+:func:`data_consistency` refines the network's χ against the measured field (the default of ``inference.json``:
+the mask-weighted, support-constrained problem solved by CG, :func:`scripts.baselines.masked_tikhonov` with the
+network's χ as prior); :func:`dipole_residual` is b − D⊛χ and its normalised norm. :class:`DataConsistencyd` runs
+both on the input grid and records them for the per-case report. Every D⊛ here is
+:class:`scripts.physics.DipoleOperator`. The settings (``dc_weight``, ``dc_solver``, ``dc_iterations``) live in
+``configs/inference.json``; how they were chosen is in ``docs/inputs.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from .baselines.iterative import masked_tikhonov
+from .checks import INFO_KEY, InputError, as_float, as_triplet, case_info, output_stem
+from .physics import DipoleOperator, b0_direction_from_affine, demean_in_mask, masked_mean, voxel_size_from_affine
+
+__all__ = ["DC_SOLVERS", "dipole_residual", "data_consistency", "DataConsistencyd"]
+
+logger = logging.getLogger(__name__)
+
+DC_SOLVERS = ("cg", "closed_form")
+
+
+def _norm_ratio(r: torch.Tensor, b: torch.Tensor) -> float:
+    denom = float(torch.linalg.vector_norm(b))
+    return float(torch.linalg.vector_norm(r)) / denom if denom > 0 else float("nan")
+
+
+def dipole_residual(
+    chi: torch.Tensor,
+    field: torch.Tensor,
+    mask: torch.Tensor,
+    voxel_size: Sequence[float],
+    b0_direction: Sequence[float],
+    pad: float | Sequence[int] = 0.5,
+    forward: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Residual r = b − D⊛χ inside the mask (both demeaned there; ppm, zero outside) and ‖r‖/‖b‖.
+
+    A χ that explains the measured field leaves only its noise: ‖r‖/‖b‖ ≈ 1/SNR; a large value means χ does not
+    fit the field (or the field is not what the network expects: unit, orientation, background).
+
+    Keywords:
+        pad: zero padding of :class:`~scripts.physics.DipoleOperator`.
+        forward: D⊛χ if already computed (same padding); it is not modified.
+    """
+    inside = mask > 0
+    b = demean_in_mask(field.float().clone(), inside, inplace=True)
+    if forward is not None:
+        fwd = forward.clone()
+    else:
+        fwd = DipoleOperator(chi.shape[-3:], voxel_size, b0_direction, pad, device=chi.device).forward(
+            chi.float() * inside
+        )
+    r = demean_in_mask(fwd, inside, inplace=True)
+    r = torch.sub(b, r, out=r)
+    return r, _norm_ratio(r, b)
+
+
+def data_consistency(
+    chi_net: torch.Tensor,
+    field: torch.Tensor,
+    mask: torch.Tensor,
+    weight: float,
+    voxel_size: Sequence[float],
+    b0_direction: Sequence[float],
+    *,
+    solver: str,
+    iterations: int | None = None,
+    pad: float | Sequence[int] = 0.5,
+    fill: str = "network",
+    net_field: torch.Tensor | None = None,
+    tol: float = 1e-4,
+    cg_pad: float | Sequence[int] = 0.125,
+) -> torch.Tensor:
+    """Data-consistency refinement of a network's χ (all in ppm): χ close to χ_net whose field matches b.
+
+    ``solver="cg"``: χ = argmin ‖P(D⊛χ) − b‖² + μ‖χ − χ_net‖² over χ supported in the mask, where P keeps the mask
+    and removes the mean there (a local field is measured only inside the mask and only up to a constant). The
+    normal equations (M D P D M + μM) χ = M D b + μ M χ_net are solved by conjugate gradients from χ_net
+    (``iterations`` at most, relative tolerance ``tol``) on a grid zero-padded by ``cg_pad`` (rounded up to fast FFT
+    sizes): it is :func:`scripts.baselines.masked_tikhonov` with the network's χ as prior. The support constraint is
+    the physics of a local field: its sources lie inside the mask (those outside are the background field that was
+    removed).
+
+    ``solver="closed_form"``: χ = F⁻¹[(D·F(b) + μ·F(χ_net)) / (D² + μ)], the same problem without the mask in the
+    data term and without the support constraint, which the Fourier domain cannot express. ``fill="network"``
+    takes the network's own field D⊛χ_net outside the mask (and matches the constant offset inside), so the data
+    term corrects χ only where there is data; ``fill="zero"`` uses b = 0 outside (the plain formula). μ → ∞ gives
+    χ_net back; μ → 0 gives F(b)/D where D is well conditioned.
+
+    Arguments:
+        chi_net: network χ (ppm), (X, Y, Z).
+        field: local field b (ppm), (X, Y, Z).
+        mask: region where b is measured, (X, Y, Z).
+        weight: μ > 0, relative to D² (D ∈ [−2/3, 1/3]).
+        voxel_size: mm. b0_direction: voxel coordinates.
+
+    Keywords:
+        solver: ``"cg"`` or ``"closed_form"``; iterations: CG iterations, needed by ``"cg"`` (``inference.json``
+            sets both).
+        pad: closed form: zero padding per side (fraction or voxel counts).
+        net_field: closed form only: D⊛χ_net if already computed (same padding).
+
+    Memory: closed form about three float32 copies of the padded volume at the peak; CG about eight.
+    """
+    if not weight > 0:
+        raise ValueError(f"weight must be > 0, got {weight}")
+    if fill not in ("network", "zero"):
+        raise ValueError(f"fill must be 'network' or 'zero', got {fill!r}")
+    if solver not in DC_SOLVERS:
+        raise ValueError(f"solver must be one of {DC_SOLVERS}, got {solver!r}")
+    if solver == "cg":
+        if iterations is None:
+            raise ValueError("solver 'cg' needs iterations (inference.json: dc_iterations)")
+        return masked_tikhonov(
+            field, mask, voxel_size, b0_direction, weight, iterations, prior=chi_net, tol=tol, pad=cg_pad
+        ).to(chi_net.device)
+    inside = mask > 0
+    op = DipoleOperator(chi_net.shape[-3:], voxel_size, b0_direction, pad, device=chi_net.device)
+    chi_net = chi_net.float() * inside
+    if fill == "network":
+        if net_field is None:
+            net_field = op.forward(chi_net)
+        offset = float(masked_mean(net_field, inside) - masked_mean(field.float(), inside))
+        b = torch.where(inside, field.float() + offset, net_field)
+    else:
+        b = field.float() * inside
+    spectrum = op.fft(op.pad(b))
+    del b
+    x_spec = op.fft(op.pad(chi_net)).mul_(weight)
+    spectrum.mul_(op.kernel).add_(x_spec)
+    del x_spec
+    spectrum.div_(op.kernel.square().add_(weight))
+    return op.crop(op.ifft(spectrum)).mul(inside)
+
+
+class DataConsistencyd(MapTransform):
+    """The physics check on every result: optional refinement, and the dipole residual written beside χ.
+
+    On the input grid (field, mask and χ as the user gave them): with ``weight`` μ (``dc_weight``), replace χ by
+    :func:`data_consistency` of it (``solver`` ``"cg"``, the mask-weighted problem with ``iterations`` CG steps, or
+    ``"closed_form"``); then compute the residual b − D⊛χ (:func:`dipole_residual`) into
+    ``residual_key`` and log ‖r‖/‖b‖ (also recorded for the per-case report). Voxel size and B0 come from the field's
+    affine (B0: world z) unless ``b0_direction`` (voxel coordinates) is given.
+    """
+
+    def __init__(
+        self,
+        keys="pred",
+        field_key: str = "image",
+        mask_key: str = "eval_mask",
+        *,
+        weight: float | None,
+        solver: str,
+        iterations: int,
+        b0_direction: Sequence[float] | None = None,
+        residual_key: str = "residual",
+        pad: float = 0.5,
+        fill: str = "network",
+    ) -> None:
+        super().__init__(keys)
+        if solver not in DC_SOLVERS:
+            raise InputError(f"dc_solver must be one of {DC_SOLVERS}, got {solver!r}")
+        if int(iterations) < 1:
+            raise InputError(f"dc_iterations must be >= 1, got {iterations!r}")
+        self.solver, self.iterations = solver, int(iterations)
+        self.field_key, self.mask_key, self.residual_key = field_key, mask_key, residual_key
+        self.weight = as_float(weight, "dc_weight")
+        if self.weight is not None and self.weight <= 0:
+            raise InputError(f"dc_weight must be > 0 (null switches the refinement off), got {weight!r}")
+        self.b0_direction = as_triplet(b0_direction, "b0_direction")
+        self.pad, self.fill = pad, fill
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred, field = d[key], d[self.field_key]
+            affine = np.asarray(field.affine) if isinstance(field, MetaTensor) else np.eye(4)
+            voxel = voxel_size_from_affine(affine)
+            b0 = self.b0_direction if self.b0_direction is not None else tuple(b0_direction_from_affine(affine))
+            b = torch.as_tensor(field).detach().cpu().float()[0]
+            inside = torch.as_tensor(d[self.mask_key]).detach().cpu()[0] > 0
+            chi = torch.as_tensor(pred).detach().cpu().float()[0]
+            info = case_info(d)
+            record = {"dc_weight": self.weight, "voxel_size_mm": list(voxel), "b0_direction": [float(v) for v in b0]}
+            if self.weight is not None:
+                record.update(dc_solver=self.solver, dc_iterations=self.iterations if self.solver == "cg" else None)
+                op = DipoleOperator(chi.shape, voxel, b0, self.pad)
+                net_field = op.forward(chi * inside)
+                _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
+                chi = data_consistency(
+                    chi,
+                    b,
+                    inside,
+                    self.weight,
+                    voxel,
+                    b0,
+                    solver=self.solver,
+                    iterations=self.iterations,
+                    pad=self.pad,
+                    fill=self.fill,
+                    net_field=net_field,
+                )
+                del net_field
+                record["residual_ratio_network"] = before
+                out = pred.detach().cpu().clone() if isinstance(pred, torch.Tensor) else torch.as_tensor(pred)
+                out[0] = chi
+                d[key] = out
+            residual, ratio = dipole_residual(chi, b, inside, voxel, b0, self.pad)
+            record["residual_ratio"] = ratio
+            res = (
+                MetaTensor(residual[None], meta=copy.deepcopy(pred.meta))
+                if isinstance(pred, MetaTensor)
+                else residual[None]
+            )
+            d[self.residual_key] = res
+            info["physics_check"] = record
+            d[INFO_KEY] = json.dumps(info)
+            case = output_stem(pred)
+            if self.weight is not None:
+                logger.info(
+                    f"{case}: residual ‖b − D⊛χ‖/‖b‖ = {ratio:.3f} after data-consistency refinement "
+                    f"({self.solver}, μ = {self.weight:g}; network alone {record['residual_ratio_network']:.3f})"
+                )
+            else:
+                logger.info(f"{case}: residual ‖b − D⊛χ‖/‖b‖ = {ratio:.3f}")
+        return d

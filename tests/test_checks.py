@@ -1,0 +1,191 @@
+"""Input checks (scripts.checks): every bad input is refused before anything is written, with a message naming it."""
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SHAPE, infer, save_tiny_checkpoint, write_case
+
+from scripts.checks import FieldSettings, InputError, checked_cases, inference_datalist
+
+
+def check(out, dc_weight=3e-4, **kwargs):
+    """``checked_cases`` as ``inference.json`` calls it; returns the items or the refusal message."""
+    try:
+        return checked_cases(output_dir=str(out), dc_weight=dc_weight, **kwargs)
+    except SystemExit as e:
+        return str(e)
+
+
+def assert_refused(message, out, *fragments):
+    """A refusal with every fragment, and nothing written into ``out``."""
+    assert isinstance(message, str), message
+    assert "stopped before writing anything" in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_refusal_through_the_command_line(tmp_path):
+    """The command stops with a non-zero exit status, the message, and nothing written."""
+    out = tmp_path / "out"
+    missing = tmp_path / "nope_field.nii.gz"
+    result = infer(save_tiny_checkpoint(tmp_path / "m.pt"), out, "--field", str(missing), expect_ok=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-3000:]
+    assert_refused(text, out, str(missing), "field file not found")
+
+
+def test_unreadable_file_is_refused(tmp_path):
+    bad = tmp_path / "broken_field.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file" * 10)
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(bad)), out, str(bad), "cannot read the field")
+
+
+def test_multi_echo_4d_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "me_field.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(0, 0.03, (*SHAPE, 4)).astype(np.float32), np.eye(4)), path)
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(path)), out, str(path), "4D", "multi-echo", "combine the echoes")
+
+
+def test_nonfinite_is_refused(tmp_path):
+    field = np.random.default_rng(1).normal(0, 0.03, SHAPE).astype(np.float32)
+    field[10, 10, 8] = np.nan
+    field[11, 10, 8] = np.inf
+    fpath, mpath = write_case(tmp_path, "nan", field=field)
+    out = tmp_path / "out"
+    message = check(out, field=str(fpath), mask=str(mpath))
+    assert_refused(message, out, str(fpath), "2 voxels are NaN or infinite", "--nonfinite mask")
+
+
+def test_nonfinite_masked_with_the_flag(tmp_path):
+    """End to end: NaN voxels are zeroed, left out of the mask, and counted in the report."""
+    field = np.random.default_rng(1).normal(0, 0.03, SHAPE).astype(np.float32)
+    field[10, 10, 8] = np.nan
+    fpath, mpath = write_case(tmp_path, "nan", field=field)
+    out = tmp_path / "out"
+    checkpoint = save_tiny_checkpoint(tmp_path / "m.pt")
+    log = infer(checkpoint, out, "--field", str(fpath), "--mask", str(mpath), "--nonfinite", "mask")
+    assert "1 NaN/Inf voxels are set to 0 and left out of the mask" in log
+    chi = nib.load(out / "nan_field_chi.nii.gz").get_fdata()
+    assert chi[10, 10, 8] == 0 and np.all(np.isfinite(chi))
+    report = json.loads((out / "nan_field_report.json").read_text())
+    assert report["nonfinite_voxels_masked"] == 1
+
+
+def test_mask_shape_mismatch_is_refused(tmp_path):
+    fpath, _ = write_case(tmp_path, "a")
+    _, mpath = write_case(tmp_path, "b", shape=(24, 20, 15))
+    out = tmp_path / "out"
+    message = check(out, field=str(fpath), mask=str(mpath))
+    assert_refused(message, out, str(mpath), "mask shape (24, 20, 15) differs from the field's (24, 20, 16)")
+
+
+def test_mask_affine_mismatch_is_refused(tmp_path):
+    fpath, _ = write_case(tmp_path, "a")
+    shifted = np.eye(4)
+    shifted[0, 3] = 2.0
+    _, mpath = write_case(tmp_path, "b", affine=shifted)
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(fpath), mask=str(mpath)), out, str(mpath), "mask affine differs")
+
+
+def test_empty_mask_is_refused(tmp_path):
+    fpath, mpath = write_case(tmp_path, "a", mask=np.zeros(SHAPE, dtype=np.uint8), field=np.ones(SHAPE) * 0.01)
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(fpath), mask=str(mpath)), out, str(mpath), "the mask is empty")
+
+
+def test_values_implausible_for_the_unit_are_refused(tmp_path):
+    hz = np.random.default_rng(2).normal(0, 0.03, SHAPE).astype(np.float32) * 127.7  # a field in Hz (3 T)
+    fpath, mpath = write_case(tmp_path, "hz", field=hz)
+    out = tmp_path / "out"
+    message = check(out, field=str(fpath), mask=str(mpath))
+    assert_refused(message, out, str(fpath), "implausible for field_unit 'ppm'", "looks like Hz or radians")
+    # the same values, stated as Hz at 3 T, pass
+    assert check(out, field=str(fpath), mask=str(mpath), field_unit="hz", b0_tesla=3) == [
+        {"image": str(fpath), "mask": str(mpath)}
+    ]
+
+
+def test_unwritable_output_directory_is_refused(tmp_path):
+    fpath, mpath = write_case(tmp_path, "a")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file, not a directory")
+    out = blocker / "out"
+    assert_refused(check(out, field=str(fpath), mask=str(mpath)), out, str(out), "not writable")
+    assert blocker.read_text() == "a file, not a directory"
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path):
+    fpath, mpath = write_case(tmp_path, "a")
+    out = tmp_path / "out"
+    out.mkdir()
+    old = out / "a_field_chi.nii.gz"
+    old.write_bytes(b"earlier result")
+    message = check(out, field=str(fpath), mask=str(mpath))
+    assert "already exists" in message and "--overwrite true" in message, message
+    assert old.read_bytes() == b"earlier result" and sorted(p.name for p in out.iterdir()) == [old.name]
+    infer(
+        save_tiny_checkpoint(tmp_path / "m.pt"), out, "--field", str(fpath), "--mask", str(mpath), "--overwrite", "true"
+    )
+    assert nib.load(old).shape == SHAPE
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_one_bad_case_stops_the_whole_datalist(tmp_path):
+    write_case(tmp_path, "good")
+    write_case(tmp_path, "bad", field=np.full(SHAPE, np.nan, dtype=np.float32))
+    items = [{"image": f"{n}_field.nii.gz", "mask": f"{n}_mask.nii.gz"} for n in ("good", "bad")]
+    (tmp_path / "cases.json").write_text(json.dumps({"testing": items}))
+    out = tmp_path / "out"
+    message = check(out, datalist=str(tmp_path / "cases.json"))
+    assert_refused(message, out, "bad_field.nii.gz", "NaN or infinite")
+    assert "good_field" not in message.replace("bad_field", "")
+
+
+def test_settings_are_checked(tmp_path):
+    with pytest.raises(InputError, match="needs b0_tesla"):
+        FieldSettings.parse("hz")
+    with pytest.raises(InputError, match="needs echo_time"):
+        FieldSettings.parse("rad", b0_tesla=3)
+    with pytest.raises(InputError, match="looks like milliseconds"):
+        FieldSettings.parse("rad", b0_tesla=3, echo_time=20)
+    with pytest.raises(InputError, match="field_unit must be one of"):
+        FieldSettings.parse("gauss")
+    s = FieldSettings.parse("rad", b0_tesla="3", echo_time="0.02", nonfinite="mask", check_values="false")
+    assert s.check_values is False and math.isclose(s.ppm_per_unit, 1 / (2 * math.pi * 42.576 * 3 * 0.02))
+    fpath, _ = write_case(tmp_path, "a")
+    message = check(tmp_path / "out", field=str(fpath), dc_weight=-1, voxel_size=[1, 0, 1], overwrite="maybe")
+    assert "dc_weight must be > 0" in message and "voxel_size must be positive" in message and "overwrite" in message
+
+
+def test_inference_datalist_and_the_demo_component(tmp_path):
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    listing = {"testing": [{"image": "a.nii.gz", "mask": "m.nii.gz"}, "b.nii.gz"]}
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(listing))
+    items = inference_datalist(datalist=str(path))
+    assert items[0] == {"image": str(tmp_path / "a.nii.gz"), "mask": str(tmp_path / "m.nii.gz")}
+    assert items[1] == {"image": str(tmp_path / "b.nii.gz")}
+    with pytest.raises(ValueError, match="not both"):
+        inference_datalist(field="x.nii.gz", datalist=str(path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        inference_datalist(datalist=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="no input"):
+        inference_datalist()
+    # without --field or --datalist the demo component is called for the one case, and only then
+    fpath, mpath = write_case(tmp_path, "demo")
+    calls = []
+
+    def demo():
+        calls.append(1)
+        return {"image": str(fpath), "mask": str(mpath)}
+
+    assert inference_datalist(demo=demo) == [{"image": str(fpath), "mask": str(mpath)}] and calls == [1]
+    assert inference_datalist(field=str(fpath), demo=demo) == [{"image": str(fpath)}] and calls == [1]
+    assert check(tmp_path / "out", demo=demo) == [{"image": str(fpath), "mask": str(mpath)}]
