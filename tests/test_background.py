@@ -13,7 +13,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from scripts.background import default_radii, erode_mask, pdf, smv_symbol, vsharp
+from scripts.background import default_radii, erode_mask, pdf, vsharp
+from scripts.baselines.common import Frame
 from scripts.physics import demean_in_mask, forward_field
 
 N, VOX, B0 = 64, (2.0, 2.0, 2.0), (0.0, 0.0, 1.0)
@@ -106,6 +107,12 @@ def test_vsharp_mask_is_eroded_by_smallest_radius(head):
     assert default_radii((1.5, 1.5, 1.5))[-1] == 1.5
 
 
+def _smv(field, voxel, radius):
+    """s_r⊛field on the periodic grid (no padding), float64, with V-SHARP's frame and SMV symbol."""
+    frame = Frame(field, torch.ones_like(field), voxel, B0, 0, dtype=torch.float64)
+    return frame.ifft(frame.fft(field) * frame.smv_symbol(radius))
+
+
 def test_smv_of_harmonic_field_equals_itself():
     n, vox = 48, (1.0, 1.2, 0.9)
     axes = [(torch.arange(n, dtype=torch.float64) - n / 2) * d for d in vox]
@@ -114,8 +121,7 @@ def test_smv_of_harmonic_field_equals_itself():
     # anisotropic voxels: the sphere is an ellipsoid in index space, symmetric about each axis, so
     # harmonic polynomials of degree ≤ 2 without xx/yy/zz imbalance: xy, xz, yz and linear terms
     field = 0.3 * x * y - 0.2 * y * z + 0.1 * x * z + 0.05 * x - 0.02 * z + 1.0
-    symbol = smv_symbol((n, n, n), vox, radius, dtype=torch.float64)
-    smoothed = torch.fft.irfftn(torch.fft.rfftn(field) * symbol, s=(n, n, n))
+    smoothed = _smv(field, vox, radius)
     margin = [int(math.ceil(radius / d)) + 1 for d in vox]
     inner = tuple(slice(m, n - m) for m in margin)  # away from the periodic wrap
     assert torch.allclose(smoothed[inner], field[inner], atol=1e-9 * float(field.abs().max()) + 1e-9)
@@ -124,13 +130,12 @@ def test_smv_of_harmonic_field_equals_itself():
     axes = [(torch.arange(n, dtype=torch.float64) - n / 2) for _ in iso]
     x, y, z = torch.meshgrid(*axes, indexing="ij")
     field = x * x - y * y + 0.5 * (2 * z * z - x * x - y * y)
-    symbol = smv_symbol((n, n, n), iso, radius, dtype=torch.float64)
-    smoothed = torch.fft.irfftn(torch.fft.rfftn(field) * symbol, s=(n, n, n))
+    smoothed = _smv(field, iso, radius)
     inner = (slice(7, n - 7),) * 3
     assert torch.allclose(smoothed[inner], field[inner], atol=1e-8)
     # and a field that is not harmonic (x²) is changed by the mean value filter
     field = x * x
-    smoothed = torch.fft.irfftn(torch.fft.rfftn(field) * symbol, s=(n, n, n))
+    smoothed = _smv(field, iso, radius)
     assert float((smoothed[inner] - field[inner]).abs().min()) > 1.0
 
 
@@ -138,8 +143,7 @@ def test_field_of_external_source_is_harmonic_inside(head):
     """(δ − s)⊛b_bg ≈ 0 inside the mask eroded by the radius: the property V-SHARP relies on."""
     b, brain = head["background"].double(), head["brain"]
     r = 8.0
-    symbol = smv_symbol(b.shape, VOX, r, dtype=torch.float64)
-    high = torch.fft.irfftn(torch.fft.rfftn(b) * (1 - symbol), s=b.shape)
+    high = b - _smv(b, VOX, r)
     inside = erode_mask(brain, VOX, r)
     assert float(high[inside].abs().max()) < 0.02 * float(demean_in_mask(b, inside)[inside].abs().max())
 

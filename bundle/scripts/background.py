@@ -37,9 +37,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .physics import DipoleOperator, _check_triplet, demean_in_mask, fast_fft_size
+from .baselines.common import Frame, as_volume, cg
+from .physics import DipoleOperator, _check_triplet, demean_in_mask
 
-__all__ = ["vsharp", "pdf", "smv_symbol", "erode_mask", "default_radii", "METHODS"]
+__all__ = ["vsharp", "pdf", "erode_mask", "default_radii", "METHODS"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,49 +54,9 @@ def _voxel(voxel_size: Sequence[float]) -> tuple[float, float, float]:
     return voxel
 
 
-def _as_volume(x, name: str, dtype: torch.dtype, device) -> torch.Tensor:
-    """A finite real (X, Y, Z) tensor (leading singleton dims dropped) of ``dtype`` on ``device`` (default: x's)."""
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if hasattr(t, "as_tensor"):  # MONAI MetaTensor
-        t = t.as_tensor()
-    if t.is_complex():
-        raise ValueError(f"{name} must be real-valued")
-    while t.ndim > 3 and t.shape[0] == 1:
-        t = t[0]
-    if t.ndim != 3:
-        raise ValueError(f"{name} must be a 3D volume (X, Y, Z), got shape {tuple(x.shape)}")
-    t = t.to(device=device if device is not None else t.device, dtype=dtype)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} has NaN or infinite values")
-    return t
-
-
-def _cg(apply, rhs: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, int]:
-    """Conjugate gradients for the SPD system apply(x) = rhs from x = 0; stops at ‖r‖ ≤ tol·‖rhs‖.
-    Returns (x, iterations run). Dot products accumulate in float64."""
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    rr = float(torch.sum(r.double() * r))
-    stop = tol * tol * rr
-    it = 0
-    for it in range(1, maxiter + 1):
-        if rr <= stop or rr == 0:
-            it -= 1
-            break
-        q = apply(p)
-        step = rr / float(torch.sum(p.double() * q))
-        x.add_(p, alpha=step)
-        r.sub_(q, alpha=step)
-        rr_new = float(torch.sum(r.double() * r))
-        p = r.add(p, alpha=rr_new / rr)
-        rr = rr_new
-    return x, it
-
-
 def _inputs(total_field, mask, voxel_size, dtype, device) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    b = _as_volume(total_field, "total_field", dtype, device)
-    m = _as_volume(mask, "mask", torch.float32, b.device) > 0
+    b = as_volume(total_field, "total_field", dtype, device)
+    m = as_volume(mask, "mask", torch.float32, b.device) > 0
     if m.shape != b.shape:
         raise ValueError(f"mask shape {tuple(m.shape)} differs from the total field's shape {tuple(b.shape)}")
     if not bool(m.any()):
@@ -103,40 +64,10 @@ def _inputs(total_field, mask, voxel_size, dtype, device) -> tuple[torch.Tensor,
     return b, m, _voxel(voxel_size)
 
 
-def smv_symbol(
-    shape: Sequence[int],
-    voxel_size: Sequence[float],
-    radius_mm: float,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Fourier symbol of the spherical mean value (SMV) filter s_r on a periodic grid (rfft half spectrum).
-
-    s_r is 1/N on the N voxels whose centre lies within ``radius_mm`` of the origin (distances in mm, so
-    anisotropic voxels give an ellipsoid in index space), 0 elsewhere; it is real and even, so its symbol is real.
-
-    Arguments:
-        shape: grid (X, Y, Z) in voxels.
-        voxel_size: (Δx, Δy, Δz) mm.
-        radius_mm: sphere radius in mm (> 0).
-
-    Returns:
-        Real tensor (X, Y, Z//2 + 1), S(0) = 1.
-    """
-    axes = []
-    for n, d in zip(shape, voxel_size):
-        i = torch.arange(n, device=device, dtype=torch.float64)
-        axes.append(torch.minimum(i, n - i) * d)  # periodic distance (mm) from the origin
-    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
-    ball = (r2 <= radius_mm * radius_mm + 1e-9).to(dtype)
-    ball = ball / ball.sum()
-    return torch.fft.rfftn(ball).real
-
-
 def erode_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float) -> torch.Tensor:
     """Erode a boolean (X, Y, Z) mask by a sphere of ``radius_mm``: keep the voxels whose whole sphere (every voxel
-    centre within ``radius_mm``, the support of :func:`smv_symbol`) lies inside the mask and inside the grid.
+    centre within ``radius_mm``: the support of the SMV filter :meth:`scripts.baselines.common.Frame.smv_symbol`)
+    lies inside the mask and inside the grid.
 
     Computed with one Euclidean distance transform (scipy): a voxel survives iff its distance (mm) to the nearest
     voxel outside the mask exceeds the radius.
@@ -221,30 +152,26 @@ def vsharp(
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     radii = tuple(sorted(set(radii), reverse=True))
 
-    shape = tuple(b.shape)
+    # the padded grid, its FFTs and the SMV symbol are the inversion frame's (scripts.baselines.common.Frame, on
+    # physics.DipoleOperator); its field is b demeaned in M and zero outside: the constant is harmonic and filtered out
     margin = [int(math.ceil(radii[0] / d)) + 1 for d in voxel]
-    pshape = tuple(fast_fft_size(n + 2 * p) for n, p in zip(shape, margin))
-    before = tuple((p - n) // 2 for p, n in zip(pshape, shape))
-    inner = tuple(slice(s, s + n) for s, n in zip(before, shape))
-    padded = b.new_zeros(pshape)
-    padded[inner] = b * m
-    spectrum = torch.fft.rfftn(padded)
-    del padded
+    frame = Frame(b, m, voxel, b0_direction if b0_direction is not None else (0.0, 0.0, 1.0), margin, dtype, b.device)
+    spectrum = frame.fft(frame.b)
 
     filtered = torch.zeros_like(b)
     assigned = torch.zeros_like(m)
-    eroded = m
     s_max = None
     for r in radii:
         eroded = erode_mask(m, voxel, r)
         new = eroded & ~assigned
-        symbol = smv_symbol(pshape, voxel, r, device=b.device, dtype=dtype)
+        symbol = frame.smv_symbol(r)
         if s_max is None:
             s_max = symbol
         if bool(new.any()):
-            hp = torch.fft.irfftn(spectrum * (1.0 - symbol), s=pshape)[inner]  # (δ − s_r)⊛b
+            hp = frame.crop(frame.ifft(spectrum * (1.0 - symbol)))  # (δ − s_r)⊛b
             filtered = torch.where(new, hp, filtered)
         assigned |= eroded
+    del spectrum
     if not bool(assigned.any()):
         raise ValueError(
             f"the mask eroded by the smallest radius ({radii[-1]} mm) is empty: the mask is too small or too thin"
@@ -253,9 +180,7 @@ def vsharp(
     h = 1.0 - s_max
     keep = h.abs() > threshold
     inv = torch.where(keep, 1.0 / torch.where(keep, h, torch.ones_like(h)), torch.zeros_like(h))
-    padded = filtered.new_zeros(pshape)
-    padded[inner] = filtered
-    local = torch.fft.irfftn(torch.fft.rfftn(padded) * inv, s=pshape)[inner]
+    local = frame.crop(frame.ifft(frame.fft(frame.pad(filtered)) * inv))
     final = assigned  # = M eroded by the smallest radius (the erosions are nested)
     return demean_in_mask(local, final).contiguous(), final
 
@@ -323,7 +248,7 @@ def pdf(
         raise ValueError(f"iterations must be >= 1, got {iterations!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
-    w = torch.ones_like(b) if weight is None else _as_volume(weight, "weight", dtype, b.device)
+    w = torch.ones_like(b) if weight is None else as_volume(weight, "weight", dtype, b.device)
     if w.shape != b.shape:
         raise ValueError(f"weight shape {tuple(w.shape)} differs from the total field's shape {tuple(b.shape)}")
     if bool((w[m] < 0).any()):
@@ -348,7 +273,7 @@ def pdf(
         return outside * op.convolve(w2 * op.convolve(outside * x))
 
     rhs = outside * op.convolve(w2 * bp)
-    chi_bg, _ = _cg(normal, rhs, float(tol), int(iterations))
+    chi_bg = cg(normal, rhs, torch.zeros_like(rhs), float(tol), int(iterations))
     background = op.crop(op.convolve(outside * chi_bg))
     local = torch.zeros_like(b)
     local[box] = b[box] - background

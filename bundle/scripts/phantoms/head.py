@@ -385,14 +385,15 @@ def simulate_head_case(
         * ``chi_brain``: the true χ inside the brain mask (the reference for scoring inversions), 0 outside;
         * ``brain_mask``, ``head_mask``: bool; ``labels`` (int16, brain labels), ``head_labels`` (uint8,
           :data:`HEAD_LABELS`);
-        * ``affine``: (4, 4) float64, as :func:`scripts.data.scanner_affine`;
+        * ``affine``: (4, 4) float64, the grid's voxel→world affine (diagonal, centred on the origin, RAS+), which
+          is :func:`scripts.data.scanner_affine` for B0 along z; for an oblique ``b0_direction`` use that function
+          to get an affine that carries the B0 direction;
         * ``noise_sigma``: float (ppm); ``values``, ``cavities``: what the phantom drew;
         * with ``bfr``: ``local_field`` (BFR output, ppm, demeaned in and zero outside ``bfr_mask``), ``bfr_mask``
           (bool), ``bfr_seconds``.
     """
     import time
 
-    from ..data import scanner_affine
     from ..physics import demean_in_mask, forward_field
 
     shape = tuple(int(s) for s in shape)
@@ -428,7 +429,7 @@ def simulate_head_case(
         "head_mask": head_mask,
         "labels": head["labels"].to(dev),
         "head_labels": head["head_labels"].to(dev),
-        "affine": scanner_affine(shape, voxel, b0_direction),
+        "affine": head["brain"]["affine"],
         "noise_sigma": sigma,
         "values": head["values"],
         "cavities": head["cavities"],
