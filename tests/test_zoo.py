@@ -55,16 +55,21 @@ def test_run_ids_of_the_readme_exist(run_id):
     assert config[run_id] == config["run"]
 
 
-def test_evaluate_alone_names_the_config_it_needs(tmp_path):
+@pytest.mark.parametrize(
+    "run_id, config, needed",
+    [("evaluating", "evaluate.json", "inference.json"), ("training", "train_gan.json", "train.json")],
+)
+def test_a_config_alone_names_the_config_it_extends(run_id, config, needed):
     import subprocess
     import sys
 
     run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", "configs/evaluate.json"],
+        [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", f"configs/{config}"],
         cwd=BUNDLE,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode != 0
-    assert "inference.json" in run.stderr and "KeyError" not in run.stderr
+    assert f"{config} extends {needed}" in run.stderr and "KeyError" not in run.stderr, run.stderr[-2000:]
+    assert f"'configs/{needed}','configs/{config}'" in run.stderr

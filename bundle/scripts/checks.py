@@ -45,6 +45,7 @@ __all__ = [
     "is_null",
     "case_info",
     "source_filename",
+    "require_configs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -609,3 +610,24 @@ def checked_cases(
         logger.warning(warning)
     logger.info(f"{len(items)} case(s) checked: field unit {settings.describe()}, outputs to {output_dir}")
     return items
+
+
+def require_configs(merged: Sequence[str], *needed: str) -> None:
+    """Stop with a message naming the config files a config needs when they were not merged before it.
+
+    Each config file adds its name to the list ``merged_configs`` (``train.json`` and ``inference.json`` set it,
+    ``train_gan.json`` and ``evaluate.json`` append with ``+merged_configs``), so a config run without the one it
+    extends fails here, before anything else, with the command that works instead of a ``KeyError`` on the first
+    missing id.
+
+    Arguments:
+        merged: the merged config's ``merged_configs``.
+        needed: file names that must be in it, e.g. ``"inference.json"``.
+    """
+    missing = [name for name in needed if name not in merged]
+    if missing:
+        files = ",".join(f"'configs/{name}'" for name in [*missing, *merged])
+        raise SystemExit(
+            f"{', '.join(merged)} extends {', '.join(missing)}: merge it after that config, e.g. "
+            f'--config_file "[{files}]"'
+        )

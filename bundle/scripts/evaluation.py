@@ -35,7 +35,7 @@ from .checks import inference_datalist, output_stem
 from .physics import voxel_size_from_affine
 from .writers import atomic_output, preview_image
 
-__all__ = ["EvaluationReport", "evaluation_datalist", "summarise", "markdown_table", "write_tables", "require_configs"]
+__all__ = ["EvaluationReport", "evaluation_datalist", "summarise", "markdown_table", "write_tables"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +50,6 @@ TABLE_METRICS = (
     "microbleed_total_chi_error",
     "microbleed_total_chi_bias",
 )
-
-
-def require_configs(merged: Sequence[str], *needed: str) -> None:
-    """Stop with a message naming the config files a config needs when they were not merged before it.
-
-    Each config file adds its name to the list ``merged_configs`` (``inference.json`` sets it, ``evaluate.json``
-    appends with ``+merged_configs``), so ``evaluate.json`` alone fails here, before anything else, with the command
-    that works instead of a ``KeyError`` on the first missing id.
-    """
-    missing = [name for name in needed if name not in merged]
-    if missing:
-        raise SystemExit(
-            f"this config needs {', '.join(missing)} merged before it (it extends that workflow); run it as "
-            "python -m monai.bundle run evaluating --config_file \"['configs/inference.json','configs/evaluate.json']\""
-        )
 
 
 def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping | None = None) -> list[dict]:
