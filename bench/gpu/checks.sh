@@ -42,7 +42,7 @@ TINY="${TINY:-0}"                           # 1: tiny networks and volumes (CPU 
 WORK="${WORK_DIR:-/tmp/qsm_checks}"
 OUT_DIR="${OUT:-${OUT_DIR:-/tmp/qsm_gpu_out}}"
 T_TESTS="${T_TESTS:-150}" T_DEMO="${T_DEMO:-150}" T_INFER="${T_INFER:-120}" T_TRAIN="${T_TRAIN:-180}"
-T_DDP="${T_DDP:-90}"
+T_DDP="${T_DDP:-120}"
 export PYTHONUNBUFFERED=1
 
 mkdir -p "$OUT_DIR"
