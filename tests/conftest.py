@@ -1,9 +1,12 @@
 """Test setup: the bundle's code is the package ``scripts`` under ``bundle/``, as ``monai.bundle run`` sees it."""
 
+import importlib
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
@@ -80,3 +83,19 @@ def infer(checkpoint, out, *args, expect_ok=True):
         *args,
         expect_ok=expect_ok,
     )
+
+
+def require(module: str, checks: str):
+    """Import an optional test dependency that an independent reference or a documented feature needs.
+
+    Where it is missing the test is skipped with a reason that says what went unchecked, except under CI (``CI`` set,
+    as ``.ci/run`` runs), where a missing reference is a failure: CI installs requirements-test.txt, so every strong
+    check runs there.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        message = f"{module} is not installed ({error}): {checks} NOT checked; pip install -r requirements-test.txt"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

@@ -150,3 +150,30 @@ def test_phantom_mask_masks_field_and_target():
     assert torch.allclose(chi[~target_inside], torch.tensor(0.0)) and torch.allclose(
         chi[target_inside], torch.tensor(0.1)
     )
+
+
+def test_stream_with_estimate_channels_computes_them_over_the_region():
+    """With a generator's ``prepare_input`` the estimate is TKD of the whole simulated region's field, cropped."""
+    from scripts.baselines import tkd
+    from scripts.networks import QSMGenerator
+
+    net = QSMGenerator(features=(4, 4, 8, 8, 8, 4), estimate="tkd")
+    phantom = RandomSourcePhantom(num_sources=(20, 20))
+    kwargs = dict(phantoms=[phantom], patch_size=32, margin=6, context=8, mask_prob=0.0, flip_prob=0.0, seed=5)
+    sample = SyntheticPatchStream(snr=(1e9, 1e9), prepare=net.prepare_input, **kwargs).sample(2)
+    assert sample["image"].shape == (2, 32, 32, 32) and sample["label"].shape == (1, 20, 20, 20)
+    gen = torch.Generator().manual_seed(5 * 1_000_003 + 2)
+    torch.multinomial(torch.ones(1, dtype=torch.float64), 1, generator=gen)
+    chi = phantom((48, 48, 48), (1, 1, 1), generator=gen)
+    region_field = forward_field(chi, mask=torch.ones(48, 48, 48, dtype=torch.bool))
+    inner = (slice(8, 40),) * 3
+    torch.testing.assert_close(sample["image"][0], region_field[inner], atol=1e-5, rtol=1e-4)
+    region_tkd = tkd(region_field, torch.ones(48, 48, 48), (1, 1, 1), (0, 0, 1), 0.19)
+    torch.testing.assert_close(sample["image"][1], region_tkd[inner], atol=1e-5, rtol=1e-4)
+    # an estimate over the patch alone is not the same thing: it lacks the sources around the patch
+    patch_tkd = tkd(region_field[inner], torch.ones(32, 32, 32), (1, 1, 1), (0, 0, 1), 0.19)
+    assert (patch_tkd - region_tkd[inner]).norm() > 0.05 * region_tkd[inner].norm()
+    # noise goes on the whole region's field before the estimate; the target is unchanged by it
+    noisy = SyntheticPatchStream(snr=(5.0, 5.0), prepare=net.prepare_input, **kwargs).sample(2)
+    assert torch.equal(noisy["label"], sample["label"])
+    assert (noisy["image"][0] - sample["image"][0]).std() > 0.1 * sample["image"][0].std()

@@ -8,7 +8,7 @@ import torch
 from conftest import BUNDLE, TINY, bundle_run
 from torch import nn
 
-from scripts.engines import QSMLoss, ResumeFromCheckpoint, WGANGPTrainer, gradient_penalty
+from scripts.engines import ResumeFromCheckpoint, WGANGPTrainer, gradient_penalty
 from scripts.networks import QSMCritic, QSMGenerator, qsmgan_unet
 
 
@@ -34,17 +34,6 @@ def test_gradient_penalty_of_linear_critic(scale):
     assert torch.isclose(penalty, (expected_norm - 1) ** 2, rtol=1e-5)
     penalty.backward()  # create_graph: the penalty trains the critic's weights
     assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
-
-
-def test_supervised_loss():
-    pred, target = torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4)
-    target[..., 1, 1, 1] = 0.64
-    assert torch.isclose(QSMLoss()(pred, target), torch.tensor(0.64 / 64))
-    with_gdl = QSMLoss(gdl_weight=1.0)(pred, target)
-    # each axis: the spike gives two differences of 0.64 among 3·4·4 = 48
-    assert torch.isclose(with_gdl, torch.tensor(0.64 / 64 + 3 * 2 * 0.64 / 48))
-    with pytest.raises(ValueError, match="shape"):
-        QSMLoss()(pred, target[..., :3])
 
 
 def tiny_gan():

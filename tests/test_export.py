@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, bundle_run
+from conftest import BUNDLE, bundle_run, require
 from test_packaging import monai_bundle
 
 from scripts.networks import QSMGenerator, qsmgan_unet
@@ -85,7 +85,7 @@ def test_torchscript_of_an_autocast_generator_runs_in_float32(eager):
 
 
 def test_onnx_export_matches_eager(eager):
-    ort = pytest.importorskip("onnxruntime")
+    ort = require("onnxruntime", "the ONNX export against the eager generator")
     net, folder = eager
     names = "{'input_names': ['image'], 'output_names': ['pred'], "
     names += "'dynamic_axes': {'image': {0: 'batch'}, 'pred': {0: 'batch'}}}"

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import require
 from ignite.engine import Engine
 from scipy.ndimage import gaussian_filter
 
@@ -64,7 +65,7 @@ def smooth_phantom(n=32, seed=1):
 
 
 def qsmci_scores(pred, truth, mask, labels):
-    qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
+    qsm_eval = require("qsm_ci.qsm_eval", "metrics against the QSM-CI scorer (HFEN, DGM linearity, calcification)")
     scores, _ = qsm_eval.score_arrays(
         np.array(pred, np.float64), np.array(truth, np.float64), np.array(mask, np.float64), seg=labels
     )

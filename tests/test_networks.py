@@ -9,6 +9,7 @@ from scripts.networks import (
     QSMGenerator,
     bf16_supported,
     count_parameters,
+    expand_input_channels,
     qsmgan_unet,
     resolve_autocast,
 )
@@ -70,9 +71,72 @@ def test_autocast_auto_follows_the_hardware():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="B, 1, X, Y, Z"):
+    with pytest.raises(ValueError, match=r"B, 1, X, Y, Z"):
         QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)))(torch.zeros(1, 64, 64, 64))
     with pytest.raises(ValueError, match="too small"):
         CenterCrop3d(8)(torch.zeros(1, 1, 16, 32, 32))
     with pytest.raises(ValueError, match="margin"):
         CenterCrop3d(-1)
+
+
+def small(**kwargs):
+    return QSMGenerator(features=(4, 4, 8, 8, 8, 4), **kwargs)
+
+
+def test_estimate_channel_is_tkd_of_the_whole_region():
+    from scripts.baselines import tkd
+    from scripts.data import simulate_case
+    from scripts.phantoms import RandomSourcePhantom
+
+    case = simulate_case(RandomSourcePhantom(), (48, 40, 32), voxel_size=(1.0, 1.0, 1.5), snr=None, seed=4)
+    net = small(estimate="tkd", estimate_threshold=0.15, voxel_size=(1.0, 1.0, 1.5))
+    assert net.backbone.conv_0.conv_0.conv.in_channels == 2
+    x = net.prepare_input(case["field"][None, None])
+    assert x.shape == (1, 2, 48, 40, 32)
+    torch.testing.assert_close(x[0, 0], case["field"])
+    expected = tkd(case["field"], case["mask"], (1.0, 1.0, 1.5), (0.0, 0.0, 1.0), 0.15)
+    torch.testing.assert_close(x[0, 1], expected)
+    assert not torch.allclose(x[0, 1], tkd(case["field"], case["mask"], (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), 0.15))
+    # the field-only generator's input is the field itself
+    assert torch.equal(small().prepare_input(x[:, :1]), x[:, :1])
+
+
+def test_widened_generator_starts_as_the_field_only_one():
+    torch.manual_seed(0)
+    field_only = small().eval()
+    widened = small(estimate="tkd").eval()
+    widened.load_state_dict(expand_input_channels(field_only.state_dict(), 2))
+    field = torch.randn(1, 1, 32, 32, 32) * 0.05
+    with torch.inference_mode():
+        torch.testing.assert_close(widened(widened.prepare_input(field)), field_only(field))
+    with pytest.raises(ValueError, match="already has 2"):
+        expand_input_channels(widened.state_dict(), 1)
+
+
+def test_residual_output_adds_the_estimate_and_scales_channels():
+    identity = nn.Conv3d(2, 1, 1, bias=False)
+    with torch.no_grad():
+        identity.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1, 1))  # passes the scaled field channel
+    net = QSMGenerator(identity, margin=2, field_scale=10.0, chi_scale=5.0, estimate="tkd", residual=True)
+    x = torch.stack([torch.full((8, 8, 8), 0.3), torch.full((8, 8, 8), 0.7)])[None]
+    out = net(x)
+    assert out.shape == (1, 1, 4, 4, 4)
+    torch.testing.assert_close(out, torch.full_like(out, 0.3 * 10 / 5 + 0.7))
+    with pytest.raises(ValueError, match="residual"):
+        QSMGenerator(identity, residual=True)
+    with pytest.raises(ValueError, match="estimate must be"):
+        QSMGenerator(identity, estimate="medi")
+
+
+def test_inferer_gives_every_window_the_whole_region_estimate():
+    """Tiled inference of an estimate-reading generator equals the network run on the prepared whole volume."""
+    from scripts.inference import CropSlidingWindowInferer
+
+    torch.manual_seed(1)
+    net = QSMGenerator(nn.Conv3d(2, 1, 1), margin=4, estimate="tkd").eval()
+    field = torch.zeros(1, 1, 40, 40, 40)
+    field[..., 4:36, 4:36, 4:36] = torch.randn(32, 32, 32) * 0.05
+    with torch.inference_mode():
+        tiled = CropSlidingWindowInferer(roi_size=24, margin=4, sw_batch_size=3)(field, net)
+        whole = net.backbone(torch.cat([field * 10, net.prepare_input(field)[:, 1:] * 10], 1)) / 10
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)

@@ -1,14 +1,13 @@
 """Tests of the anatomical brain phantom (scripts.phantoms.brain), on coarse grids to stay fast."""
 
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import require
 
-if importlib.util.find_spec("nilearn") is None:  # the MNI152 templates ship inside the nilearn wheel
-    pytest.skip("needs the MNI152 templates from nilearn: pip install --no-deps nilearn", allow_module_level=True)
+require("nilearn", "the MNI152-based brain phantom")  # the templates ship inside the nilearn wheel (a runtime dep)
 
 from scripts.data import SyntheticPatchStream, simulate_case  # noqa: E402
 from scripts.phantoms import BrainPatchPhantom, BrainPhantom, RandomSourcePhantom  # noqa: E402

@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
-from conftest import BUNDLE, TINY, bundle_run
+from conftest import BUNDLE, TINY, bundle_run, require
 
-pytest.importorskip("mlflow")
+require("mlflow", "MLflow experiment tracking (--tracking mlflow)")
 
 SMALL = [*TINY, "--epochs", "1", "--iterations_per_epoch", "2", "--num_val_cases", "1", "--val_shape", "[40,36,30]"]
 

@@ -102,6 +102,10 @@ class SyntheticPatchStream(IterableDataset):
         batch_size: samples per yielded batch (the stream yields stacked batches: use ``DataLoader(batch_size=None)``).
         seed: stream seed.
         device: where fields are simulated ("cuda" when training on GPU).
+        prepare: the generator's :meth:`~scripts.networks.QSMGenerator.prepare_input` when it reads whole-region
+            channels (an estimate of χ): noise is then added to the whole region's field, the channels are computed
+            over the region (as inference computes them over the whole volume) and cropped to the patch. ``None``:
+            the field patch only.
     """
 
     def __init__(
@@ -120,10 +124,12 @@ class SyntheticPatchStream(IterableDataset):
         batch_size: int = 2,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         from .phantoms import RandomSourcePhantom
 
+        self.prepare = prepare
         self.phantoms = list(phantoms) if phantoms else [RandomSourcePhantom()]
         w = [1.0] * len(self.phantoms) if weights is None else [float(x) for x in weights]
         if len(w) != len(self.phantoms) or min(w) < 0 or sum(w) <= 0:
@@ -146,7 +152,8 @@ class SyntheticPatchStream(IterableDataset):
         self.start = 0  # index of the first sample; set on resume so that the stream does not repeat
 
     def sample(self, index: int) -> dict[str, torch.Tensor]:
-        """Simulate sample ``index``: ``{"image": (1, P, P, P) field ppm, "label": (1, C, C, C) χ ppm}``."""
+        """Simulate sample ``index``: ``{"image": (K, P, P, P) field ppm (and estimate channels), "label": (1, C, C, C)
+        χ ppm}``."""
         gen = torch.Generator().manual_seed(self.seed * _STREAM_STRIDE + index)
         size = self.patch_size + 2 * self.context
         shape = (size, size, size)
@@ -161,17 +168,25 @@ class SyntheticPatchStream(IterableDataset):
         chi = chi * mask
         field = forward_field(chi, self.voxel_size, self.b0_direction, mask=mask, pad=self.pad)
         c, p = self.context, self.patch_size
-        field, chi, mask = (t[c : c + p, c : c + p, c : c + p] for t in (field, chi, mask))
-        field = demean_in_mask(field, mask)
+        inner = (slice(c, c + p),) * 3
+        if self.prepare is None:  # field-only input: the patch's field, demeaned in its mask, noise on the patch
+            field, chi, mask = field[inner], chi[inner], mask[inner]
+            field = self._add_noise(demean_in_mask(field, mask), mask, gen)[None]
+        else:  # whole-region channels: noise on the region's field, then the channels over the region, then crop
+            field = self.prepare(self._add_noise(field, mask, gen)[None, None])[0][(slice(None), *inner)]
+            chi = chi[inner]
+        for axis in self.flip_axes:
+            if torch.rand(1, generator=gen).item() < self.flip_prob:
+                field, chi = field.flip(axis + 1), chi.flip(axis)
+        m = self.margin
+        return {"image": field.contiguous(), "label": chi[None, m : p - m, m : p - m, m : p - m].contiguous()}
+
+    def _add_noise(self, field: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Gaussian noise at a log-uniform SNR in ``snr`` (σ = RMS of the field in the mask / SNR), zero outside."""
         rms = field[mask].square().mean().sqrt() if bool(mask.any()) else field.new_zeros(())
         log_snr = math.log(self.snr[0]) + torch.rand(1, generator=gen).item() * math.log(self.snr[1] / self.snr[0])
         noise = torch.randn(field.shape, generator=gen).to(self.device)
-        field = (field + noise * (rms / math.exp(log_snr))) * mask
-        for axis in self.flip_axes:
-            if torch.rand(1, generator=gen).item() < self.flip_prob:
-                field, chi = field.flip(axis), chi.flip(axis)
-        m = self.margin
-        return {"image": field[None].contiguous(), "label": chi[None, m : p - m, m : p - m, m : p - m].contiguous()}
+        return (field + noise * (rms / math.exp(log_snr))) * mask
 
     def _patch_mask(self, shape, gen) -> torch.Tensor:
         # an ellipsoid about twice the region, shifted along a random direction so that its border crosses

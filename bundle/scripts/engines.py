@@ -26,10 +26,10 @@ from monai.handlers import CheckpointSaver
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from .losses import QSMLoss
 from .networks import resolve_autocast
 
 __all__ = [
-    "QSMLoss",
     "gradient_penalty",
     "WGANGPTrainer",
     "gan_log_values",
@@ -49,32 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class QSMLoss(nn.Module):
-    """Supervised QSMGAN loss: L1 on χ (ppm) plus an optional gradient-difference term.
-
-    loss = l1_weight · mean|χ̂ − χ| + gdl_weight · Σ_axes mean| |∇χ̂| − |∇χ| |
-
-    Shapes:
-        pred, target (B, 1, X, Y, Z), ppm.
-    """
-
-    def __init__(self, l1_weight: float = 1.0, gdl_weight: float = 0.0) -> None:
-        super().__init__()
-        if l1_weight < 0 or gdl_weight < 0:
-            raise ValueError(f"loss weights must be >= 0, got l1={l1_weight}, gdl={gdl_weight}")
-        self.l1_weight, self.gdl_weight = float(l1_weight), float(gdl_weight)
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-        loss = self.l1_weight * (pred - target).abs().mean()
-        if self.gdl_weight > 0:
-            for axis in (-3, -2, -1):
-                gp, gt = pred.diff(dim=axis).abs(), target.diff(dim=axis).abs()
-                loss = loss + self.gdl_weight * (gp - gt).abs().mean()
-        return loss
 
 
 def gradient_penalty(

@@ -46,6 +46,9 @@ class CropSlidingWindowInferer(Inferer):
             zero, and the output is masked there); their output is 0.
         progress: show a tqdm progress bar.
 
+    A network with a ``prepare_input`` method (:class:`scripts.networks.QSMGenerator`) gets the whole volume
+    through it first, so that channels computed over the whole region (a k-space estimate of χ) reach every window.
+
     Shapes:
         inputs (B, 1, X, Y, Z), any X, Y, Z → output (B, C, X, Y, Z).
     """
@@ -84,6 +87,10 @@ class CropSlidingWindowInferer(Inferer):
         counts = [max(1, math.ceil(s / t)) for s in spatial]
         after = [c * t - s + m for c, s in zip(counts, spatial)]
         raw = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        # a generator that reads whole-region channels (an estimate of χ) makes them here, before tiling
+        prepare = getattr(getattr(network, "module", network), "prepare_input", None)
+        if callable(prepare):
+            raw = prepare(raw)
         # zeros outside the volume, as the network saw outside masks in training
         padded = torch.nn.functional.pad(raw, (m, after[2], m, after[1], m, after[0]))
         device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device

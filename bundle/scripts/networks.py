@@ -4,6 +4,11 @@ The backbone is MONAI's :class:`~monai.networks.nets.BasicUNet` (per level 2 × 
 LeakyReLU], four down-sampling levels); :class:`QSMGenerator` wraps it so that its input is a local field in
 ppm and its output χ in ppm, cropped by ``margin`` voxels on every side (64³ → 48³), so that each output voxel
 sees the non-local field around it.
+
+Optionally (``estimate="tkd"``) the generator also reads a whole-region k-space estimate of χ: before tiling, the
+inferer calls :meth:`QSMGenerator.prepare_input` on the whole volume, which appends a TKD solution of the same
+field as a second channel, so that every 64³ window carries the low-frequency information of the whole region
+that a 64³ field patch alone cannot. With ``residual=True`` the backbone predicts a correction to that estimate.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ __all__ = [
     "QSMGenerator",
     "QSMCritic",
     "qsmgan_unet",
+    "expand_input_channels",
     "count_parameters",
     "bf16_supported",
     "resolve_autocast",
@@ -73,41 +79,67 @@ class QSMGenerator(nn.Module):
     """QSMGAN generator: local field (ppm) → χ (ppm), with a centre-crop head.
 
     Arguments:
-        backbone: a fully convolutional 1-channel → 1-channel network; default the QSMGAN U-Net
-            (BasicUNet, features ``(16, 32, 64, 128, 256, 16)``, LeakyReLU(0.1), BatchNorm).
+        backbone: a fully convolutional network with ``1`` input channel (``estimate=None``) or ``2`` (with an
+            estimate) and 1 output channel; default the QSMGAN U-Net (:func:`qsmgan_unet`: BasicUNet, LeakyReLU(0.1),
+            BatchNorm) with ``features`` and the input channels the estimate needs.
 
     Keywords:
+        features: the default backbone's feature counts (BasicUNet's six).
         margin: voxels cropped from every side of the output (8: 64³ → 48³).
         field_scale: the backbone sees ``field_ppm × field_scale``.
-        chi_scale: the backbone predicts ``χ_ppm × chi_scale``; the output is linear (no tanh), so microbleeds of
-            1–2 ppm are not capped.
+        chi_scale: the backbone predicts ``χ_ppm × chi_scale`` (and sees an estimate channel as ``χ_ppm ×
+            chi_scale``); the output is linear (no tanh), so microbleeds of 1–2 ppm are not capped.
+        estimate: ``None`` (the QSMGAN reference: field only) or ``"tkd"``: a second input channel holding the
+            truncated k-space division of the field over the whole region given to :meth:`prepare_input`.
+        estimate_threshold: TKD threshold δ of the estimate.
+        residual: predict χ as the estimate plus the backbone's output (needs ``estimate``).
+        voxel_size: voxel size (mm) of the grid the network runs on (used by the estimate).
+        b0_direction: B0 direction on that grid, voxel coordinates (used by the estimate).
         autocast: run the backbone under bfloat16 autocast: ``True``, ``False`` or ``"auto"`` (where
             :func:`bf16_supported` says it is fast for the input's device: GPUs, CPUs with AMX/AVX512-BF16); the
             output stays float32.
         channels_last: keep the convolution weights and activations in channels-last 3D memory order
-            (``torch.channels_last_3d``): the same numbers (float32 rounding), about 2× faster float32 convolutions
-            on CPU (oneDNN; ``bench/bench_inference.py``). Loading a state dict keeps the layout.
+            (``torch.channels_last_3d``): the same numbers (float32 rounding), faster float32 convolutions on CPU
+            (oneDNN). Loading a state dict keeps the layout.
 
     Shapes:
-        input (B, 1, X, Y, Z) with X, Y, Z multiples of 16 → output (B, 1, X − 2m, Y − 2m, Z − 2m).
+        input (B, C, X, Y, Z) with X, Y, Z multiples of 16, C = 1 (field; with an estimate, the estimate is then
+        computed on the patch itself, a fallback: whole volumes go through :meth:`prepare_input`) or C = 2 (field,
+        estimate) → output (B, 1, X − 2m, Y − 2m, Z − 2m).
     """
 
     def __init__(
         self,
         backbone: nn.Module | None = None,
+        features: Sequence[int] = (16, 32, 64, 128, 256, 16),
         margin: int = 8,
         field_scale: float = 10.0,
         chi_scale: float = 10.0,
+        estimate: str | None = None,
+        estimate_threshold: float = 0.19,
+        residual: bool = False,
+        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
         autocast: bool | str = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone = backbone if backbone is not None else qsmgan_unet()
+        if estimate not in ESTIMATES:
+            raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+        if residual and estimate is None:
+            raise ValueError("residual=True needs an estimate to add the backbone's output to")
+        self.in_channels = 1 if estimate is None else 2
+        self.backbone = backbone if backbone is not None else qsmgan_unet(features, in_channels=self.in_channels)
         self.crop = CenterCrop3d(margin)
         if field_scale <= 0 or chi_scale <= 0:
             raise ValueError(f"field_scale and chi_scale must be positive, got {field_scale}, {chi_scale}")
         self.field_scale = float(field_scale)
         self.chi_scale = float(chi_scale)
+        self.estimate = estimate
+        self.estimate_threshold = float(estimate_threshold)
+        self.residual = bool(residual)
+        self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.b0_direction = tuple(float(v) for v in b0_direction)
         resolve_autocast(autocast, "cpu")  # validates
         self.autocast = autocast
         self.channels_last = bool(channels_last)
@@ -118,13 +150,51 @@ class QSMGenerator(nn.Module):
     def margin(self) -> int:
         return self.crop.margin
 
-    def forward(self, field: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def prepare_input(self, field: torch.Tensor) -> torch.Tensor:
+        """The network's input channels for a whole region: (B, 1, X, Y, Z) field (ppm) → (B, C, X, Y, Z).
+
+        With an estimate, channel 1 is the TKD solution (ppm) of each field over the region where it is non-zero
+        (the mask: outside it the field is zero), computed with zero padding on ``voxel_size``/``b0_direction``.
+        Without one the field is returned as it is.
+        """
         if field.ndim != 5 or field.shape[1] != 1:
             raise ValueError(f"expected a (B, 1, X, Y, Z) field, got shape {list(field.shape)}")
-        x = field * self.field_scale
+        if self.estimate is None:
+            return field
+        from .baselines import tkd
+
+        raw = field.as_tensor() if hasattr(field, "as_tensor") else field
+        chis = []
+        for b in raw[:, 0]:
+            support = b != 0
+            chis.append(
+                tkd(b, support, self.voxel_size, self.b0_direction, self.estimate_threshold)
+                if bool(support.any())
+                else torch.zeros_like(b)
+            )
+        return torch.cat([raw, torch.stack(chis)[:, None].to(raw.dtype)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or (x.shape[1] != 1 and x.shape[1] != self.in_channels):
+            raise ValueError(f"expected a (B, {self.in_channels}, X, Y, Z) input, got shape {list(x.shape)}")
+        if x.shape[1] != self.in_channels:  # a bare field patch: estimate on the patch (see Shapes)
+            if torch.jit.is_scripting():
+                raise ValueError("a TorchScript generator needs its estimate channel in the input (prepare_input)")
+            else:
+                x = self.prepare_input(x)
+        scaled = (
+            x * self.field_scale
+            if self.in_channels == 1
+            else torch.cat([x[:, :1] * self.field_scale, x[:, 1:] * self.chi_scale], dim=1)
+        )
         if not torch.jit.is_scripting():  # TorchScript (ckpt_export) always runs in float32, default layout
-            return self.crop(self._backbone_eager(x).float()) / self.chi_scale
-        return self.crop(self.backbone(x).float()) / self.chi_scale
+            out = self.crop(self._backbone_eager(scaled).float()) / self.chi_scale
+        else:
+            out = self.crop(self.backbone(scaled).float()) / self.chi_scale
+        if self.residual:
+            out = out + self.crop(x[:, 1:2])
+        return out
 
     @torch.jit.unused
     def _backbone_eager(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,13 +205,38 @@ class QSMGenerator(nn.Module):
         return out.contiguous() if self.channels_last else out
 
 
+#: Whole-region χ estimates the generator can read as a second channel.
+ESTIMATES = (None, "tkd")
+
+
+def expand_input_channels(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """A generator state dict with its first convolution widened to ``in_channels`` inputs, new ones zero.
+
+    Starting an estimate-reading generator (``estimate="tkd"``) from a field-only one this way gives a network that
+    initially computes exactly what the field-only one did, and learns to use the new channel from there.
+    """
+    convs = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 5]
+    if not convs:
+        raise ValueError("the state dict has no 3D convolution weight")
+    first = convs[0]
+    w = state[first]
+    if w.shape[1] > in_channels:
+        raise ValueError(f"{first} already has {w.shape[1]} input channels (> {in_channels})")
+    out = dict(state)
+    out[first] = torch.cat([w, w.new_zeros((w.shape[0], in_channels - w.shape[1], *w.shape[2:]))], dim=1)
+    return out
+
+
 def qsmgan_unet(
-    features: Sequence[int] = (16, 32, 64, 128, 256, 16), negative_slope: float = 0.1, norm: str = "batch"
+    features: Sequence[int] = (16, 32, 64, 128, 256, 16),
+    negative_slope: float = 0.1,
+    norm: str = "batch",
+    in_channels: int = 1,
 ) -> BasicUNet:
     """The QSMGAN U-Net backbone: 4 levels of 2 × [Conv3d 3³ → ``norm`` → LeakyReLU(``negative_slope``)]."""
     return BasicUNet(
         spatial_dims=3,
-        in_channels=1,
+        in_channels=int(in_channels),
         out_channels=1,
         features=tuple(features),
         act=("LeakyReLU", {"negative_slope": negative_slope, "inplace": True}),
