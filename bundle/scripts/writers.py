@@ -173,7 +173,7 @@ class SavePreviewd(MapTransform):
         mask_key: str = "eval_mask",
         truth_key: str = "label",
         window: Sequence[float] = (-0.15, 0.25),
-        overwrite: bool = True,
+        overwrite: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.output_dir, self.postfix = output_dir, output_postfix
