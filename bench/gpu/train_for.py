@@ -216,9 +216,9 @@ def main() -> None:
                 "validation_seconds_sum": round(sum(state["val_s"]), 1),
                 "it_per_s_overall": round(it / train_wall, 3) if train_wall and it else None,
                 "it_per_s_steady": round(1.0 / per_it, 3) if step_s else None,
-                "samples_per_s_steady": round(results["batch_size"] * results["world_size"] / per_it, 1)
-                if step_s
-                else None,
+                "samples_per_s_steady": (
+                    round(results["batch_size"] * results["world_size"] / per_it, 1) if step_s else None
+                ),
                 "data_share_steady": round(sum(data_s) / max(sum(data_s) + sum(step_s), 1e-9), 3) if step_s else None,
                 "stopped_by_time_limit": state["stopped_early"],
                 "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
