@@ -193,3 +193,44 @@ def test_numpy_inputs_and_weight(head):
     # the whole grid instead of the mask's bounding box: the same model, sources in a larger region
     b, _ = pdf(head["total"], head["brain"], VOX, B0, crop=False, pad=0.125, iterations=30)
     assert _nrmse(b, head["local"], head["brain"]) < 36.0  # measured 30.8 %
+
+
+def test_total_field_through_the_inference_pipeline(tmp_path):
+    """``--field_kind total``: background removed on the input grid, local field and its mask written beside χ."""
+    import json
+
+    import nibabel as nib
+    from conftest import infer, save_tiny_checkpoint
+
+    from scripts.phantoms import simulate_head_case
+
+    case = simulate_head_case((40, 48, 44), (4.8, 4.8, 4.8), seed=3, snr=40.0, bfr="vsharp")
+    affine = case["affine"].numpy()
+    nib.save(nib.Nifti1Image(case["total_field"].numpy(), affine), tmp_path / "head_field.nii.gz")
+    nib.save(nib.Nifti1Image(case["brain_mask"].numpy().astype(np.uint8), affine), tmp_path / "head_mask.nii.gz")
+    out = tmp_path / "out"
+    log = infer(
+        save_tiny_checkpoint(tmp_path / "model.pt"),
+        out,
+        "--field",
+        str(tmp_path / "head_field.nii.gz"),
+        "--mask",
+        str(tmp_path / "head_mask.nii.gz"),
+        "--field_kind",
+        "total",
+        "--bfr",
+        "vsharp",
+    )
+    assert "background removal (vsharp)" in log
+    local = nib.load(out / "head_field_localfield.nii.gz")
+    local_mask = nib.load(out / "head_field_localmask.nii.gz").get_fdata() > 0
+    np.testing.assert_allclose(local.affine, affine, atol=1e-6)
+    # the pipeline's local field is the bundle's own V-SHARP of the same total field, on the same mask
+    np.testing.assert_array_equal(local_mask, case["bfr_mask"].numpy())
+    np.testing.assert_allclose(local.get_fdata(), case["local_field"].numpy(), atol=1e-5)
+    # and it is a local field: two orders of magnitude below the total field at the brain's edge
+    assert np.abs(local.get_fdata()).max() < 0.1 * np.abs(case["total_field"].numpy()[case["brain_mask"].numpy()]).max()
+    chi = nib.load(out / "head_field_chi.nii.gz").get_fdata()
+    assert np.all(chi[~local_mask] == 0)
+    report = json.loads((out / "head_field_report.json").read_text())
+    assert report["bfr"] == "vsharp" and 0.3 < report["bfr_mask_kept"] < 1.0

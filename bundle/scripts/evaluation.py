@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 
@@ -83,6 +84,12 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
             if isinstance(original, dict) and key in original:
                 item[key] = os.path.join(base, original[key])
     return items
+
+
+def case_set(case: str) -> str:
+    """The simulated set of a case named ``{set}_{index:03d}_field`` (:mod:`scripts.simulate`), else ``"cases"``."""
+    match = re.match(r"^(.*)_\d{3}_field$", case)
+    return match.group(1) if match else "cases"
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -292,6 +299,12 @@ def write_tables(rows: list[dict], output_dir: str) -> dict:
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=2)
     table = markdown_table(summary)
+    sets = {case_set(r["case"]) for r in rows}
+    if len(sets) > 1:  # each set on its own too: ideal sets and the realistic (background-removed) one differ
+        for name in sorted(sets):
+            table += f"\n\n### set: {name}\n\n" + markdown_table(
+                summarise([r for r in rows if case_set(r["case"]) == name])
+            )
     with atomic_output(os.path.join(output_dir, "summary.md"), overwrite=True) as tmp:
         with open(tmp, "w") as f:
             f.write(table)

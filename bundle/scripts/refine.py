@@ -20,15 +20,28 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from .baselines.common import Frame, cg
 from .baselines.iterative import masked_tikhonov
 from .checks import INFO_KEY, InputError, as_float, as_triplet, case_info, output_stem
 from .physics import DipoleOperator, b0_direction_from_affine, demean_in_mask, masked_mean, voxel_size_from_affine
 
-__all__ = ["DC_SOLVERS", "dipole_residual", "data_consistency", "DataConsistencyd"]
+__all__ = [
+    "DC_SOLVERS",
+    "DC_MODELS",
+    "dipole_residual",
+    "data_consistency",
+    "margin_tikhonov",
+    "harmonic_tikhonov",
+    "auto_refinement",
+    "DataConsistencyd",
+]
 
 logger = logging.getLogger(__name__)
 
 DC_SOLVERS = ("cg", "closed_form")
+
+#: Zero padding per side (fraction) of every CG refinement grid, rounded up to fast FFT sizes.
+CG_PAD = 0.125
 
 
 def _norm_ratio(r: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,7 +94,7 @@ def data_consistency(
     fill: str = "network",
     net_field: torch.Tensor | None = None,
     tol: float = 1e-4,
-    cg_pad: float | Sequence[int] = 0.125,
+    cg_pad: float | Sequence[int] = CG_PAD,
 ) -> torch.Tensor:
     """Data-consistency refinement of a network's χ (all in ppm): χ close to χ_net whose field matches b.
 
@@ -145,6 +158,176 @@ def data_consistency(
     return op.crop(op.ifft(spectrum)).mul(inside)
 
 
+#: Data models of the refinement (``dc_model`` in ``inference.json``).
+DC_MODELS = ("support", "harmonic", "auto")
+
+
+def _dilate(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float) -> torch.Tensor:
+    """Boolean mask grown by ``radius_mm`` (one Euclidean distance transform)."""
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(~mask.detach().cpu().numpy().astype(bool), sampling=voxel_size)
+    return torch.from_numpy(dist <= radius_mm + 1e-6).to(mask.device)
+
+
+def margin_tikhonov(
+    field: torch.Tensor,
+    mask: torch.Tensor,
+    weight: float,
+    voxel_size: Sequence[float],
+    b0_direction: Sequence[float],
+    *,
+    prior: torch.Tensor,
+    iterations: int,
+    margin_mm: float,
+    outside_weight: float,
+    pad: float | Sequence[int],
+    tol: float = 1e-4,
+) -> tuple[torch.Tensor, float]:
+    """The support-constrained refinement with sources also allowed in a shell of ``margin_mm`` outside the mask.
+
+    χ = argmin ‖P(D⊛χ) − b‖² + μ‖χ − χ_prior‖²_M + ν‖χ‖²_{S∖M} over χ supported in S = mask grown by the margin,
+    P: inside the mask, demeaned there. The shell's sources can explain a field whose origin lies outside the mask
+    (the remnants of background removal, the field of the tissue an eroded mask left out), which χ inside the mask
+    then need not. Used by the ``"auto"`` model as a consistency test.
+
+    Returns:
+        (χ inside the mask (ppm), ‖P(D⊛χ) − b‖/‖b‖ with the shell's sources included).
+    """
+    frame = Frame(field, mask, voxel_size, b0_direction, pad)
+    m = frame.m.float()
+    shell_support = _dilate(frame.m, frame.voxel, margin_mm).float()
+    reg = torch.where(frame.m, torch.tensor(float(weight)), torch.tensor(float(outside_weight))) * shell_support
+
+    def residual_field(x: torch.Tensor) -> torch.Tensor:  # P(D⊛(S x))
+        return demean_in_mask(frame.dipole(x * shell_support), frame.m, inplace=True)
+
+    def normal(x: torch.Tensor) -> torch.Tensor:
+        return frame.dipole(residual_field(x)).mul_(shell_support).add_(reg * x)
+
+    x0 = frame.pad(prior.float()) * m
+    rhs = frame.dipole(frame.b).mul_(shell_support).add_(reg * x0)
+    x = cg(normal, rhs, x0, float(tol), int(iterations))
+    ratio = _norm_ratio(residual_field(x).sub_(frame.b), frame.b)
+    return frame.result(x), ratio
+
+
+def harmonic_tikhonov(
+    field: torch.Tensor,
+    mask: torch.Tensor,
+    weight: float,
+    voxel_size: Sequence[float],
+    b0_direction: Sequence[float],
+    *,
+    prior: torch.Tensor,
+    iterations: int,
+    radius_mm: float,
+    pad: float | Sequence[int],
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """Refinement with a data term blind to harmonic fields: the background remnants of any removal method.
+
+    χ = argmin ‖W (δ − s_r)⊛(D⊛χ − b)‖² + μ‖χ − χ_prior‖² over χ supported in the mask, where s_r is the spherical
+    mean of radius ``radius_mm`` and W the mask eroded by it. A field harmonic inside the mask equals its spherical
+    means there (the mean-value property that SHARP-type background removal uses), so (δ − s_r) cancels every
+    background remnant wherever the sphere fits inside the mask; what is left to fit is the local field's own
+    non-harmonic part. The price: the harmonic part of the local field (low spatial frequencies) comes from the
+    prior, not from the data. (δ − s_r)D is one Fourier multiplier, so an iteration costs what the support model's
+    does.
+
+    Returns:
+        χ (ppm), (X, Y, Z), 0 outside the mask.
+    """
+    from .background import erode_mask
+
+    frame = Frame(field, mask, voxel_size, b0_direction, pad)
+    m = frame.m.float()
+    high_pass = 1.0 - frame.smv_symbol(radius_mm)
+    kernel = frame.D * high_pass
+    trusted = frame.pad(erode_mask(frame.crop(frame.m), frame.voxel, radius_mm)).float()
+    if not bool(trusted.any()):
+        raise ValueError(f"no voxel of the mask is {radius_mm} mm from its border: the harmonic data term is empty")
+
+    def filtered(x: torch.Tensor) -> torch.Tensor:
+        return frame.ifft(frame.fft(x).mul_(kernel))
+
+    def normal(x: torch.Tensor) -> torch.Tensor:
+        return filtered(filtered(x * m).mul_(trusted)).mul_(m).add_(x * m, alpha=float(weight))
+
+    x0 = frame.pad(prior.float()) * m
+    data = frame.ifft(frame.fft(frame.b).mul_(high_pass)).mul_(trusted)
+    rhs = filtered(data).mul_(m).add_(x0, alpha=float(weight))
+    return frame.result(cg(normal, rhs, x0, float(tol), int(iterations)))
+
+
+def auto_refinement(
+    chi_net: torch.Tensor,
+    field: torch.Tensor,
+    mask: torch.Tensor,
+    weight: float,
+    voxel_size: Sequence[float],
+    b0_direction: Sequence[float],
+    *,
+    iterations: int,
+    margin_mm: float,
+    outside_weight: float,
+    radius_mm: float,
+    inconsistency: float,
+    pad: float | Sequence[int],
+    tol: float = 1e-4,
+) -> tuple[torch.Tensor, dict]:
+    """The default refinement: the support model where the data are a local field of sources inside the mask, the
+    harmonic model where they are not.
+
+    Test: the support-constrained fit (:func:`scripts.baselines.masked_tikhonov` from χ_net) and the same fit with
+    sources also allowed in a ``margin_mm`` shell outside the mask (:func:`margin_tikhonov`) leave residual ratios
+    ρ_in and ρ_shell. If ρ_in/ρ_shell > ``inconsistency``, sources outside the mask explain a part of the data that
+    sources inside cannot: background remnants or the field of tissue outside an eroded mask. The support model
+    would explain it with χ inside the mask (the error the refinement must never make), so the harmonic model
+    (:func:`harmonic_tikhonov`), blind to such fields, refines χ instead, and the case is flagged.
+
+    Returns:
+        (χ (ppm), a record: ``residual_ratio_support``, ``residual_ratio_shell``, ``inconsistency_ratio``,
+        ``data_inconsistent`` and ``dc_model_used``).
+    """
+    chi_in = masked_tikhonov(field, mask, voxel_size, b0_direction, weight, iterations, prior=chi_net, tol=tol, pad=pad)
+    _, rho_in = dipole_residual(chi_in, field, mask, voxel_size, b0_direction, pad)
+    _, rho_shell = margin_tikhonov(
+        field,
+        mask,
+        weight,
+        voxel_size,
+        b0_direction,
+        prior=chi_net,
+        iterations=iterations,
+        margin_mm=margin_mm,
+        outside_weight=outside_weight,
+        pad=pad,
+        tol=tol,
+    )
+    ratio = rho_in / max(rho_shell, 1e-12)
+    record = {
+        "residual_ratio_support": round(rho_in, 5),
+        "residual_ratio_shell": round(rho_shell, 5),
+        "inconsistency_ratio": round(ratio, 3),
+        "data_inconsistent": bool(ratio > inconsistency),
+    }
+    if not record["data_inconsistent"]:
+        return chi_in.to(chi_net.device), {**record, "dc_model_used": "support"}
+    chi = harmonic_tikhonov(
+        field,
+        mask,
+        weight,
+        voxel_size,
+        b0_direction,
+        prior=chi_net,
+        iterations=iterations,
+        radius_mm=radius_mm,
+        pad=pad,
+    )
+    return chi.to(chi_net.device), {**record, "dc_model_used": "harmonic"}
+
+
 class DataConsistencyd(MapTransform):
     """The physics check on every result: optional refinement, and the dipole residual written beside χ.
 
@@ -168,10 +351,23 @@ class DataConsistencyd(MapTransform):
         residual_key: str = "residual",
         pad: float = 0.5,
         fill: str = "network",
+        model: str = "support",
+        margin_mm: float = 6.0,
+        outside_weight: float = 1e-4,
+        smv_radius_mm: float = 6.0,
+        inconsistency: float = 3.0,
     ) -> None:
         super().__init__(keys)
         if solver not in DC_SOLVERS:
             raise InputError(f"dc_solver must be one of {DC_SOLVERS}, got {solver!r}")
+        if model not in DC_MODELS:
+            raise InputError(f"dc_model must be one of {DC_MODELS}, got {model!r}")
+        if model != "support" and solver != "cg":
+            raise InputError(f"dc_model {model!r} needs dc_solver 'cg' (the closed form has no mask to test)")
+        if min(margin_mm, smv_radius_mm, outside_weight, inconsistency) <= 0:
+            raise InputError("dc_margin_mm, dc_smv_radius_mm, dc_outside_weight and dc_inconsistency must be > 0")
+        self.model, self.margin_mm, self.outside_weight = model, float(margin_mm), float(outside_weight)
+        self.smv_radius_mm, self.inconsistency = float(smv_radius_mm), float(inconsistency)
         if int(iterations) < 1:
             raise InputError(f"dc_iterations must be >= 1, got {iterations!r}")
         self.solver, self.iterations = solver, int(iterations)
@@ -199,19 +395,24 @@ class DataConsistencyd(MapTransform):
                 op = DipoleOperator(chi.shape, voxel, b0, self.pad)
                 net_field = op.forward(chi * inside)
                 _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
-                chi = data_consistency(
-                    chi,
-                    b,
-                    inside,
-                    self.weight,
-                    voxel,
-                    b0,
-                    solver=self.solver,
-                    iterations=self.iterations,
-                    pad=self.pad,
-                    fill=self.fill,
-                    net_field=net_field,
-                )
+                if self.model == "support":
+                    chi = data_consistency(
+                        chi,
+                        b,
+                        inside,
+                        self.weight,
+                        voxel,
+                        b0,
+                        solver=self.solver,
+                        iterations=self.iterations,
+                        pad=self.pad,
+                        fill=self.fill,
+                        net_field=net_field,
+                    )
+                    record["dc_model_used"] = "support" if self.solver == "cg" else "closed_form"
+                else:
+                    chi, extra = self._robust(chi, b, inside, voxel, b0)
+                    record.update(extra)
                 del net_field
                 record["residual_ratio_network"] = before
                 out = pred.detach().cpu().clone() if isinstance(pred, torch.Tensor) else torch.as_tensor(pred)
@@ -228,6 +429,14 @@ class DataConsistencyd(MapTransform):
             info["physics_check"] = record
             d[INFO_KEY] = json.dumps(info)
             case = output_stem(pred)
+            if record.get("data_inconsistent"):
+                logger.warning(
+                    f"{case}: the field does not fit a local field of sources inside the mask: sources in a "
+                    f"{self.margin_mm:g} mm shell outside it explain the data {record['inconsistency_ratio']:.1f}x "
+                    f"better (residual {record['residual_ratio_support']:.3f} vs {record['residual_ratio_shell']:.3f}, "
+                    f"threshold {self.inconsistency:g}): background-removal remnants or an eroded mask. Refined with "
+                    f"the harmonic-blind data term; treat low spatial frequencies of this map with caution."
+                )
             if self.weight is not None:
                 logger.info(
                     f"{case}: residual ‖b − D⊛χ‖/‖b‖ = {ratio:.3f} after data-consistency refinement "
@@ -236,3 +445,33 @@ class DataConsistencyd(MapTransform):
             else:
                 logger.info(f"{case}: residual ‖b − D⊛χ‖/‖b‖ = {ratio:.3f}")
         return d
+
+    def _robust(self, chi, b, inside, voxel, b0) -> tuple[torch.Tensor, dict]:
+        """The ``"harmonic"`` or ``"auto"`` data model (see :func:`auto_refinement`)."""
+        if self.model == "harmonic":
+            chi = harmonic_tikhonov(
+                b,
+                inside,
+                self.weight,
+                voxel,
+                b0,
+                prior=chi,
+                iterations=self.iterations,
+                radius_mm=self.smv_radius_mm,
+                pad=CG_PAD,
+            )
+            return chi, {"dc_model_used": "harmonic"}
+        return auto_refinement(
+            chi,
+            b,
+            inside,
+            self.weight,
+            voxel,
+            b0,
+            iterations=self.iterations,
+            margin_mm=self.margin_mm,
+            outside_weight=self.outside_weight,
+            radius_mm=self.smv_radius_mm,
+            inconsistency=self.inconsistency,
+            pad=CG_PAD,
+        )

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .data import simulate_case
@@ -25,14 +26,34 @@ class SimulationSet:
     """One kind of case to simulate: a phantom, how many cases, their noise and how they are split.
 
     Keywords:
-        phantom: a phantom callable (see :mod:`scripts.phantoms`).
+        phantom: a phantom callable (see :mod:`scripts.phantoms`); None for a whole-head set (``bfr``).
         num_cases: number of cases.
         snr: field RMS inside the mask over the noise σ (None: noiseless).
         splits: fractions of the cases for ``training``, ``validation``, ``testing`` (in that order; the cases
             are assigned in order, so a set meant for testing alone uses ``(0, 0, 1)``).
+        bfr: a *realistic* set: whole heads (:func:`scripts.phantoms.simulate_head_case`: skull, air sinuses,
+            scalp, surface veins) whose total field goes through this background-removal method
+            (:data:`scripts.background.METHODS`); the case's field is the method's local field on its output mask,
+            the label the true χ of the brain, and the total field and brain mask are written too (``total``,
+            ``brain_mask``) for ``--field_kind total``.
+        shape, voxel_size: the grid of this set, if not the dataset's (a head needs room around the brain).
     """
 
-    def __init__(self, phantom, num_cases: int, snr: float | None = 40.0, splits: Sequence[float] = (0.7, 0.15, 0.15)):
+    def __init__(
+        self,
+        phantom=None,
+        num_cases: int = 1,
+        snr: float | None = 40.0,
+        splits: Sequence[float] = (0.7, 0.15, 0.15),
+        bfr: str | None = None,
+        shape: Sequence[int] | None = None,
+        voxel_size: Sequence[float] | None = None,
+    ):
+        if (phantom is None) == (bfr is None):
+            raise ValueError("a simulation set needs either a phantom (local fields) or bfr (whole heads), not both")
+        self.bfr = bfr
+        self.shape = tuple(int(n) for n in shape) if shape is not None else None
+        self.voxel_size = tuple(float(v) for v in voxel_size) if voxel_size is not None else None
         if num_cases < 0:
             raise ValueError(f"num_cases must be >= 0, got {num_cases}")
         if len(splits) != 3 or min(splits) < 0 or sum(splits) <= 0:
@@ -48,6 +69,25 @@ class SimulationSet:
             if index < round(bound):
                 return name
         return "testing"
+
+
+def _simulate(spec: SimulationSet, shape, voxel_size, b0_direction, seed: int) -> dict:
+    """One case of ``spec``: a local-field case, or a whole head through background removal (realistic)."""
+    if spec.bfr is None:
+        return simulate_case(spec.phantom, shape, voxel_size, b0_direction, spec.snr, seed)
+    from .phantoms import simulate_head_case
+
+    head = simulate_head_case(shape, voxel_size, b0_direction, seed=seed, snr=spec.snr, bfr=spec.bfr)
+    mask = head["bfr_mask"]
+    return {
+        "field": head["local_field"],
+        "chi": head["chi_brain"] * mask,
+        "mask": mask.float(),
+        "labels": head["labels"] * mask,
+        "total": head["total_field"],
+        "brain_mask": head["brain_mask"],
+        "affine": torch.as_tensor(head["affine"]),
+    }
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
@@ -78,18 +118,22 @@ def write_dataset(
     jobs = [(name, k, i) for k, (name, s) in enumerate(sets.items()) for i in range(s.num_cases)]
     for name, k, i in tqdm(jobs, desc="simulating", unit="case"):
         spec = sets[name]
-        case = simulate_case(spec.phantom, shape, voxel_size, b0_direction, spec.snr, seed + 10000 * k + i)
+        grid = (spec.shape or shape, spec.voxel_size or voxel_size)
+        case = _simulate(spec, *grid, b0_direction, seed + 10000 * k + i)
         affine = case["affine"].numpy()
         stem = f"{name}_{i:03d}"
         item = {"set": name, "seed": seed + 10000 * k + i}
         volumes = {"image": ("field", case["field"]), "label": ("chi", case["chi"]), "mask": ("mask", case["mask"])}
+        for key in ("total", "brain_mask"):
+            if key in case:
+                volumes[key] = (key, case[key])
         if "labels" in case:
             volumes["labels"] = ("labels", case["labels"])
         if "lesion_ids" in case:
             volumes["lesion_ids"] = ("lesions", case["lesion_ids"])
         for key, (suffix, volume) in volumes.items():
             array = np.asarray(volume.cpu() if hasattr(volume, "cpu") else volume)
-            array = array.astype(np.float32) if key in ("image", "label") else array.astype(np.int16)
+            array = array.astype(np.float32) if key in ("image", "label", "total") else array.astype(np.int16)
             _save(array, affine, os.path.join(output_dir, f"{stem}_{suffix}.nii.gz"))
             item[key] = f"{stem}_{suffix}.nii.gz"
         if case.get("lesions"):
@@ -102,7 +146,9 @@ def write_dataset(
         "voxel_size": list(voxel_size),
         "b0_direction": list(b0_direction),
         "seed": seed,
-        "sets": {n: {"num_cases": s.num_cases, "snr": s.snr, "splits": s.splits} for n, s in sets.items()},
+        "sets": {
+            n: {"num_cases": s.num_cases, "snr": s.snr, "splits": s.splits, "bfr": s.bfr} for n, s in sets.items()
+        },
     }
     with open(os.path.join(output_dir, "simulation.json"), "w") as f:
         json.dump(settings, f, indent=2)
