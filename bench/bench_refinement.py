@@ -68,7 +68,8 @@ def main() -> None:
                 )
                 rows.append({**row, "seconds": seconds})
                 print(
-                    f"{seed:5d} {kind:9s} {name:22s} NRMSE {row['nrmse']:6.1f} %  XSIM {row['xsim']:.3f}  {seconds:6.1f} s {extra}",
+                    f"{seed:5d} {kind:9s} {name:22s} NRMSE {row['nrmse']:6.1f} %  XSIM {row['xsim']:.3f}  "
+                    f"{seconds:6.1f} s {extra}",
                     flush=True,
                 )
 
