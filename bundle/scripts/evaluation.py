@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .checks import inference_datalist, output_stem
+from .inference import NETWORK_ALONE, NETWORK_METHODS, network_results
 from .physics import voxel_size_from_affine
 from .writers import atomic_output, preview_image
 
@@ -85,6 +86,12 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
     return items
 
 
+def volume_of(value) -> torch.Tensor:
+    """The first channel of a (1, X, Y, Z) tensor or MetaTensor as a float32 CPU tensor."""
+    t = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+    return t.detach().cpu().float()[0]
+
+
 def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """Mean and standard deviation (ddof 0) of every numeric column, per method."""
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -104,7 +111,8 @@ class EvaluationReport:
     """Score the network and classical methods on every case of an evaluator run; write tables and figures.
 
     Per case it reads, from the evaluator's decollated batch and output (``configs/evaluate.json``): ``pred`` (the
-    network's χ, brought back to the input grid by ``Invertd``), ``image`` (the local field on the input grid, after
+    network's χ, brought back to the input grid by ``Invertd`` and refined), ``pred_network`` (the same before the
+    refinement), ``image`` (the local field on the input grid, after
     ``scripts.grid.InputFieldd``), ``label`` (true χ), ``eval_mask`` (the mask ``PrepareFieldd`` used) and, when the
     datalist has them, ``labels`` (tissue labels) and ``lesion_ids`` (lesion instances). Voxel size and B0 direction
     come from the field's affine (B0 = world z) unless ``b0_direction`` is given. Every method is scored on the
@@ -120,9 +128,14 @@ class EvaluationReport:
         b0_direction: B0 in voxel coordinates (None: from the affine).
         device: where the classical methods run (e.g. the evaluator's CUDA device); default CPU.
 
-    Runtime: ``seconds`` is the wall-clock time of each classical method and, for the network, of the evaluator's
-    forward pass (sliding windows over the whole volume, from ``ITERATION_STARTED`` to ``FORWARD_COMPLETED``;
-    loading, resampling and the data-consistency step are not included).
+    The network is scored twice when the refinement is on (``dc_weight`` not null): ``"network alone"`` (its χ
+    before the data-consistency step, kept by ``inference.json`` as ``pred_network``) and ``"network + refinement"``
+    (``pred``); with ``--dc_weight null`` only ``"network alone"``.
+
+    Runtime: ``seconds`` is the wall-clock time of each classical method; for ``"network alone"``, of the
+    evaluator's forward pass (sliding windows over the whole volume, from ``ITERATION_STARTED`` to
+    ``FORWARD_COMPLETED``; loading and resampling to the network grid not included); for ``"network + refinement"``,
+    that plus the whole postprocessing (resampling back, the refinement, the residual and writing the case's outputs).
     """
 
     def __init__(
@@ -174,18 +187,24 @@ class EvaluationReport:
         self._started = time.perf_counter()
 
     def _tock(self, engine) -> None:
-        self._forward_seconds = time.perf_counter() - self._started
+        self._forward_done = time.perf_counter()
+        self._forward_seconds = self._forward_done - self._started
 
     def iteration(self, engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
-        seconds = getattr(self, "_forward_seconds", float("nan")) / max(1, len(outputs))
+        n = max(1, len(outputs))
+        seconds = getattr(self, "_forward_seconds", float("nan")) / n
+        # postprocessing (resampling back, refinement, residual, writing) runs between the forward pass and here
+        post = (time.perf_counter() - getattr(self, "_forward_done", float("nan"))) / n
         for index, output in enumerate(outputs):
             batch = batches[index] if index < len(batches) and isinstance(batches[index], Mapping) else {}
             item = {**batch, **output}  # postprocessing leaves new keys in the output, the loaded ones in the batch
-            self.evaluate_case(item, seconds)
+            self.evaluate_case(item, seconds, seconds + post)
 
-    def evaluate_case(self, item: Mapping, network_seconds: float = float("nan")) -> list[dict]:
+    def evaluate_case(
+        self, item: Mapping, network_seconds: float = float("nan"), refined_seconds: float = float("nan")
+    ) -> list[dict]:
         """Run the classical methods on one case and record the metrics of every method (returns its rows)."""
         from .baselines import run_method
         from .metrics import compute_all
@@ -211,7 +230,10 @@ class EvaluationReport:
         labels = volume("labels", torch.int64)
         lesion_ids = volume("lesion_ids", torch.int64)
         case = output_stem(image)
-        maps = {"network": (pred * mask, float(network_seconds))}
+        maps = {}
+        for method, chi in network_results(item).items():
+            t = network_seconds if method == NETWORK_ALONE else refined_seconds
+            maps[method] = (volume_of(chi) * mask, float(t))
         for name, kwargs in self.methods.items():
             chi, seconds = run_method(name, field.to(self.device), mask.to(self.device), voxel, b0, **kwargs)
             maps[name] = (chi.cpu().float() * mask, seconds)
@@ -224,7 +246,7 @@ class EvaluationReport:
         self.rows.extend(rows)
         self._figure(case, truth.numpy(), mask.numpy(), {m: c.numpy() for m, (c, _) in maps.items()})
         if self.save_maps:
-            self._save_maps(case, affine, {m: c for m, (c, _) in maps.items() if m != "network"})
+            self._save_maps(case, affine, {m: c for m, (c, _) in maps.items() if m not in NETWORK_METHODS})
         return rows
 
     def _save_maps(self, case: str, affine: np.ndarray, maps: Mapping[str, torch.Tensor]) -> None:
@@ -255,7 +277,7 @@ class EvaluationReport:
             row.paste(err_img, (chi_img.width + 8, 0))
             rows.append(row)
             names.append(f"{method}\n| error")
-        label_w = 90
+        label_w = 130
         canvas = Image.new("L", (label_w + max(r.width for r in rows), sum(r.height for r in rows) + 16), 0)
         draw = ImageDraw.Draw(canvas)
         draw.text(
