@@ -244,7 +244,7 @@ class EvaluationReport:
             rows.append(row)
             logger.info(f"{case} {method}: NRMSE {scores['nrmse']:.1f} %, XSIM {scores['xsim']:.3f} ({seconds:.1f} s)")
         self.rows.extend(rows)
-        self._figure(case, truth.numpy(), mask.numpy(), {m: c.numpy() for m, (c, _) in maps.items()})
+        self._figure(case, truth.numpy(), mask.numpy(), {m: c.numpy() for m, (c, _) in maps.items()}, affine)
         if self.save_maps:
             self._save_maps(case, affine, {m: c for m, (c, _) in maps.items() if m not in NETWORK_METHODS})
         return rows
@@ -259,19 +259,22 @@ class EvaluationReport:
             with atomic_output(path, overwrite=True) as tmp:
                 nib.save(nib.Nifti1Image(chi.numpy().astype(np.float32), affine), tmp)
 
-    def _figure(self, case: str, truth: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+    def _figure(
+        self, case: str, truth: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray], affine=None
+    ) -> None:
         """``{case}_evaluation.png``: the truth, then per method its χ and its error χ − truth (masked), all through
-        the same voxel (the mask's centre of mass) and in the same windows."""
+        the same voxel (the mask's centre of mass) and in the same windows; RAS orientation and true aspect from
+        ``affine`` (:func:`scripts.writers.preview_image`)."""
         from PIL import Image, ImageDraw
 
         inside = mask > 0
         centre = [int(round(float(c.mean()))) for c in np.nonzero(inside)] if inside.any() else None
         half = self.error_window
-        rows = [preview_image([truth * inside], self.window, centre)]
+        rows = [preview_image([truth * inside], self.window, centre, affine)]
         names = ["truth"]
         for method, chi in maps.items():
-            chi_img = preview_image([chi * inside], self.window, centre)
-            err_img = preview_image([(chi - truth) * inside], (-half, half), centre)
+            chi_img = preview_image([chi * inside], self.window, centre, affine)
+            err_img = preview_image([(chi - truth) * inside], (-half, half), centre, affine)
             row = Image.new("L", (chi_img.width + 8 + err_img.width, chi_img.height))
             row.paste(chi_img, (0, 0))
             row.paste(err_img, (chi_img.width + 8, 0))
