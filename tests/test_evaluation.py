@@ -212,3 +212,42 @@ def test_inference_config_keeps_the_network_alone_before_the_refinement():
     copies = [t for t in config["postprocessing"]["transforms"] if t.get("names") == "pred_network"]
     assert copies and copies[0]["keys"] == "pred"
     assert targets.index("CopyItemsd", targets.index("MaskIntensityd")) < targets.index("DataConsistencyd")
+
+
+def test_evaluation_uses_the_testing_section_and_names_the_cases_left_out(tmp_path, caplog):
+    from scripts.evaluation import evaluation_datalist
+
+    case = {"image": "t_field.nii.gz", "mask": "t_mask.nii.gz", "label": "t_chi.nii.gz"}
+    listing = {"training": [{**case, "image": "tr1_field.nii.gz"}, "tr2_field.nii.gz"], "testing": [case]}
+    (tmp_path / "list.json").write_text(json.dumps(listing))
+    with caplog.at_level("WARNING"):
+        items = evaluation_datalist(str(tmp_path / "list.json"), str(tmp_path / "out"))
+    assert [i["image"] for i in items] == [str(tmp_path / "t_field.nii.gz")]
+    assert "left out: training (2): tr1_field.nii.gz, tr2_field.nii.gz" in caplog.text
+    # no testing section: refused, instead of silently evaluating the training cases
+    (tmp_path / "train_only.json").write_text(json.dumps({"training": [case]}))
+    with pytest.raises(ValueError, match="'testing' section.*missing or empty; it has training"):
+        evaluation_datalist(str(tmp_path / "train_only.json"), str(tmp_path / "out"))
+
+
+def test_simulated_evaluation_set_is_simulated_again_when_the_settings_differ(tmp_path, caplog):
+    from scripts.evaluation import evaluation_datalist
+    from scripts.phantoms import RandomSourcePhantom
+    from scripts.simulate import SimulationSet, write_dataset
+
+    def options(shape):
+        sets = {"random": SimulationSet(RandomSourcePhantom(), num_cases=1, snr=None, splits=[0, 0, 1])}
+        return {"sets": sets, "shape": shape, "voxel_size": [1.5, 1.5, 1.5], "seed": 5}
+
+    (first,) = evaluation_datalist(None, str(tmp_path), options([16, 16, 16]))
+    assert nib.load(first["image"]).shape == (16, 16, 16)
+    with caplog.at_level("INFO"):
+        evaluation_datalist(None, str(tmp_path), options([16, 16, 16]))
+    assert "reusing" in caplog.text
+    with caplog.at_level("WARNING"):
+        (second,) = evaluation_datalist(None, str(tmp_path), options([20, 16, 16]))
+    assert nib.load(second["image"]).shape == (20, 16, 16)
+    assert "shape: [16, 16, 16] → [20, 16, 16]" in caplog.text and "simulating the evaluation set again" in caplog.text
+    # the simulate workflow refuses an existing dataset and says whether its settings differ
+    with pytest.raises(FileExistsError, match="with other settings.*shape"):
+        write_dataset(str(tmp_path / "simulated"), **options([16, 16, 16]))

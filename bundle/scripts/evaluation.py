@@ -3,7 +3,8 @@
 ``configs/evaluate.json`` (merged over ``configs/inference.json``) runs the network exactly as inference does —
 the same preprocessing (``scripts.grid.PrepareFieldd``, ``ToNetworkGridd``), sliding-window inferer and
 postprocessing (``Invertd`` back to the input grid, the data-consistency step, the NIfTI/PNG/report writers) — on
-cases with ground truth: the ``testing`` items of ``--datalist``, or, without one, a small simulated set (a healthy
+cases with ground truth: the ``testing`` items of ``--datalist`` (only those: the ``training`` and ``validation``
+cases are named in a warning and left out), or, without one, a small simulated set (a healthy
 brain, a brain with lesions and a random-source volume, :func:`evaluation_datalist`). The tissue ``labels`` and
 ``lesion_ids`` of a case are loaded beside it and left untouched, so everything is scored on the dataset's own grid.
 
@@ -53,8 +54,24 @@ TABLE_METRICS = (
 )
 
 
+#: The datalist section evaluation scores: the held-out cases. ``training`` and ``validation`` are left out (a
+#: warning names them), so that a model is never scored on cases it was trained or tuned on.
+EVALUATION_SECTION = "testing"
+
+
+def _case_names(entries: Sequence, limit: int = 20) -> str:
+    names = [os.path.basename(str(e.get("image") if isinstance(e, Mapping) else e)) for e in entries]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping | None = None) -> list[dict]:
     """Cases with ground truth: the ``testing`` items of ``datalist``, or a small simulated set.
+
+    Only the ``testing`` section is evaluated (:data:`EVALUATION_SECTION`): a datalist without one is refused, and
+    the cases of its ``training`` and ``validation`` sections are named in a warning. The simulated set (no
+    ``datalist``) goes to ``output_dir/simulated``; one already there is reused only if its ``simulation.json``
+    records the same settings, else it is simulated again (with a warning naming the differences).
 
     Arguments:
         datalist: MONAI datalist JSON whose ``testing`` items have ``image`` (field), ``label`` (χ), ``mask`` and
@@ -63,19 +80,39 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
         simulate: keyword arguments of :func:`scripts.simulate.write_dataset` for that set (its ``sets``).
     """
     if datalist is None:
-        from .simulate import write_dataset
+        from .simulate import settings_differences, simulation_settings, write_dataset
 
         folder = os.path.join(output_dir, "simulated")
         listing = os.path.join(folder, "datalist.json")
-        if not os.path.exists(listing):
-            listing = write_dataset(folder, **dict(simulate or {}))
+        options = dict(simulate or {})
+        keys = ("shape", "voxel_size", "b0_direction", "seed")
+        wanted = simulation_settings(options.get("sets", {}), **{k: options[k] for k in keys if k in options})
+        diff = settings_differences(folder, wanted) if os.path.exists(listing) else []
+        if not os.path.exists(listing) or diff:
+            if diff or diff is None:
+                why = "no record of its settings" if diff is None else "other settings: " + "; ".join(diff)
+                logger.warning(f"{listing} was simulated with {why}; simulating the evaluation set again")
+            listing = write_dataset(folder, **options, overwrite=True)
+        else:
+            logger.info(f"reusing {listing} (simulated with the same settings)")
         datalist = listing
-    items = inference_datalist(datalist=datalist)
     with open(datalist) as f:
         raw = json.load(f)
-    section = next(k for k in ("testing", "validation", "training") if raw.get(k))
+    if not isinstance(raw, Mapping) or not raw.get(EVALUATION_SECTION):
+        sections = [k for k in ("training", "validation") if isinstance(raw, Mapping) and raw.get(k)]
+        raise ValueError(
+            f"{datalist}: evaluation scores the '{EVALUATION_SECTION}' section (held-out cases), which is missing or "
+            f"empty" + (f"; it has {', '.join(sections)}: put the cases to evaluate under 'testing'" if sections else "")
+        )
+    left_out = {k: raw[k] for k in ("training", "validation") if raw.get(k)}
+    if left_out:
+        logger.warning(
+            f"evaluating the {len(raw[EVALUATION_SECTION])} '{EVALUATION_SECTION}' case(s) of {datalist}; left out: "
+            + "; ".join(f"{k} ({len(v)}): {_case_names(v)}" for k, v in left_out.items())
+        )
+    items = inference_datalist(datalist=datalist)
     base = os.path.dirname(os.path.abspath(datalist))
-    for item, original in zip(items, raw[section]):
+    for item, original in zip(items, raw[EVALUATION_SECTION]):
         if "label" not in item:
             raise ValueError(
                 f"evaluation needs the true χ ('label') for every case; {original!r} in {datalist} has none"
