@@ -327,3 +327,22 @@ def test_check_values_false_skips_the_plausibility_check(tmp_path):
     assert check(out, field=str(fpath), mask=str(mpath), check_values="false") == [
         {"image": str(fpath), "mask": str(mpath)}
     ]
+
+
+def test_directory_given_as_a_file_is_refused(tmp_path):
+    (tmp_path / "a_field.nii.gz").mkdir()
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(tmp_path / "a_field.nii.gz")), out, "field is a directory, not an image file")
+
+
+def test_mask_covering_only_nan_voxels_and_a_constant_field_are_refused(tmp_path):
+    field = np.full(SHAPE, 0.02, np.float32)
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[5:8, 5:8, 5:8] = 1
+    field[5:8, 5:8, 5:8] = np.nan
+    fpath, mpath = write_case(tmp_path, "nanmask", field=field, mask=mask)
+    out = tmp_path / "out"
+    message = check(out, field=str(fpath), mask=str(mpath), nonfinite="mask")
+    assert_refused(message, out, str(mpath), "the mask covers only NaN/Inf voxels")
+    fpath, mpath = write_case(tmp_path, "const", field=np.full(SHAPE, 0.02, np.float32))
+    assert_refused(check(out, field=str(fpath), mask=str(mpath)), out, "the field is constant inside the mask")
