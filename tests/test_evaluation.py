@@ -251,3 +251,21 @@ def test_simulated_evaluation_set_is_simulated_again_when_the_settings_differ(tm
     # the simulate workflow refuses an existing dataset and says whether its settings differ
     with pytest.raises(FileExistsError, match="with other settings.*shape"):
         write_dataset(str(tmp_path / "simulated"), **options([16, 16, 16]))
+
+
+def test_inference_with_a_label_reports_the_network_alone_and_refined(tmp_path):
+    """End to end (tiny generator): metrics.json and the log name both network results; the preview is written."""
+    from conftest import infer, save_tiny_checkpoint, write_case
+
+    fpath, mpath = write_case(tmp_path, "a")
+    label = tmp_path / "a_chi.nii.gz"
+    nib.save(nib.Nifti1Image(nib.load(fpath).get_fdata().astype(np.float32) * 3, np.eye(4)), label)
+    items = [{"image": fpath.name, "mask": mpath.name, "label": label.name}]
+    (tmp_path / "cases.json").write_text(json.dumps({"testing": items}))
+    out = tmp_path / "out"
+    log = infer(save_tiny_checkpoint(tmp_path / "m.pt"), out, "--datalist", str(tmp_path / "cases.json"))
+    (record,) = json.loads((out / "metrics.json").read_text())
+    assert list(record) == ["case", "network alone", "network + refinement", "tkd"]
+    assert record["network + refinement"] != record["network alone"]  # two results, not one reported twice
+    assert "network alone NRMSE" in log and "network + refinement NRMSE" in log
+    assert (out / "a_field_chi.png").is_file()

@@ -168,7 +168,10 @@ class CaseReport:
 
     def iteration(self, engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in outputs:
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        for index, output in enumerate(outputs):
+            batch = batches[index] if index < len(batches) and isinstance(batches[index], dict) else {}
+            item = {**batch, **output}  # postprocessing leaves new keys in the output, updated loaded ones in the batch
             if item.get("label") is not None:
                 self.report(item)
 
