@@ -209,9 +209,13 @@ def test_damaged_label_is_refused_before_anything_is_written(tmp_path):
     data = label.read_bytes()
     label.write_bytes(data[: len(data) // 2])  # the header survives, the data is cut
     listing = tmp_path / "cases.json"
-    listing.write_text(json.dumps({"testing": [{"image": "a_field.nii.gz", "mask": "a_mask.nii.gz", "label": label.name}]}))
+    listing.write_text(
+        json.dumps({"testing": [{"image": "a_field.nii.gz", "mask": "a_mask.nii.gz", "label": label.name}]})
+    )
     out = tmp_path / "out"
-    assert_refused(check(out, datalist=str(listing)), out, str(label), "cannot read the label (true χ) data", "truncated")
+    assert_refused(
+        check(out, datalist=str(listing)), out, str(label), "cannot read the label (true χ) data", "truncated"
+    )
 
 
 def test_local_field_in_hz_at_1p5_tesla_is_refused_with_the_likely_unit(tmp_path):
@@ -221,8 +225,14 @@ def test_local_field_in_hz_at_1p5_tesla_is_refused_with_the_likely_unit(tmp_path
     out = tmp_path / "out"
     message = check(out, field=str(fpath), mask=str(mpath))
     assert_refused(
-        message, out, str(fpath), "implausible for a local field", "expected 0.003–1 ppm", "in Hz at 1.5 T",
-        "--field_unit hz --b0_tesla 1.5", "--field_kind total",
+        message,
+        out,
+        str(fpath),
+        "implausible for a local field",
+        "expected 0.003–1 ppm",
+        "in Hz at 1.5 T",
+        "--field_unit hz --b0_tesla 1.5",
+        "--field_kind total",
     )
     item = [{"image": str(fpath), "mask": str(mpath)}]
     assert check(out, field=str(fpath), mask=str(mpath), field_unit="hz", b0_tesla=1.5) == item

@@ -155,7 +155,7 @@ def test_summary_table_format():
 
 
 def tiny_item(dc_weight=3e-4, n=16):
-    """A postprocessed item as the evaluator hands it to the report handlers (refined χ = truth, network alone = 0.5·truth)."""
+    """A postprocessed item as the report handlers see it (refined χ = truth, network alone = 0.5·truth)."""
     from monai.data import MetaTensor
 
     from scripts.checks import INFO_KEY

@@ -102,7 +102,8 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
         sections = [k for k in ("training", "validation") if isinstance(raw, Mapping) and raw.get(k)]
         raise ValueError(
             f"{datalist}: evaluation scores the '{EVALUATION_SECTION}' section (held-out cases), which is missing or "
-            f"empty" + (f"; it has {', '.join(sections)}: put the cases to evaluate under 'testing'" if sections else "")
+            f"empty"
+            + (f"; it has {', '.join(sections)}: put the cases to evaluate under 'testing'" if sections else "")
         )
     left_out = {k: raw[k] for k in ("training", "validation") if raw.get(k)}
     if left_out:
@@ -296,9 +297,7 @@ class EvaluationReport:
             with atomic_output(path, overwrite=True) as tmp:
                 nib.save(nib.Nifti1Image(chi.numpy().astype(np.float32), affine), tmp)
 
-    def _figure(
-        self, case: str, truth: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray], affine=None
-    ) -> None:
+    def _figure(self, case: str, truth: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray], affine=None) -> None:
         """``{case}_evaluation.png``: the truth, then per method its χ and its error χ − truth (masked), all through
         the same voxel (the mask's centre of mass) and in the same windows; RAS orientation and true aspect from
         ``affine`` (:func:`scripts.writers.preview_image`)."""

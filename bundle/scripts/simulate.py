@@ -61,7 +61,11 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
 
 def _describe_phantom(phantom) -> dict:
     """The phantom's class and public attributes (JSON-able), so that two differently configured phantoms differ."""
-    attributes = {k: v for k, v in sorted(vars(phantom).items()) if not k.startswith("_")} if hasattr(phantom, "__dict__") else {}
+    attributes = (
+        {k: v for k, v in sorted(vars(phantom).items()) if not k.startswith("_")}
+        if hasattr(phantom, "__dict__")
+        else {}
+    )
     return json.loads(json.dumps({"class": type(phantom).__name__, **attributes}, default=repr))
 
 
@@ -111,7 +115,11 @@ def settings_differences(folder: str, wanted: dict) -> list[str] | None:
         return out
 
     old, new = flat(recorded), flat(wanted)
-    return [f"{k}: {old.get(k, '(none)')!r} → {new.get(k, '(none)')!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k, '(none)')!r} → {new.get(k, '(none)')!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def write_dataset(
@@ -135,9 +143,7 @@ def write_dataset(
         how = (
             "with no record of its settings"
             if diff is None
-            else "with the same settings"
-            if not diff
-            else "with other settings (" + "; ".join(diff) + ")"
+            else "with the same settings" if not diff else "with other settings (" + "; ".join(diff) + ")"
         )
         raise FileExistsError(f"{listing} exists, simulated {how}; choose another output_dir or pass --overwrite true")
     os.makedirs(output_dir, exist_ok=True)

@@ -2,7 +2,8 @@
 
 :func:`atomic_output` writes beside the final path and renames (``os.replace``); an existing output is replaced only
 with ``overwrite``. :class:`SaveNiftid` writes χ and the residual with the input's header and affine,
-:class:`SavePreviewd` a PNG of three slices (RAS, true aspect, labelled, with a colour bar), :class:`SaveReportd` the per-case record as JSON.
+:class:`SavePreviewd` a PNG of three slices (RAS, true aspect, labelled, with a colour bar), :class:`SaveReportd`
+the per-case record as JSON.
 """
 
 from __future__ import annotations
@@ -213,9 +214,7 @@ def preview_tiles(volumes, window, center=None, affine=None):
     return canvas, widths
 
 
-def preview_image(
-    volumes: Sequence[np.ndarray], window: tuple[float, float] = (-0.15, 0.25), center=None, affine=None
-):
+def preview_image(volumes: Sequence[np.ndarray], window: tuple[float, float] = (-0.15, 0.25), center=None, affine=None):
     """A Pillow image with one row per volume: axial, coronal and sagittal slices, grey window ``window`` (ppm).
 
     With ``affine`` (the volumes' voxel-to-world matrix) the volumes are first reoriented to RAS
