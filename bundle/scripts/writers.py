@@ -258,7 +258,7 @@ def annotated_preview(
     n = len(volumes)
     row_h = tiles.shape[0] // n
     bar_w, bar_gap, text_w = 12, 8, 64
-    heading = f"{title} | window {lo:g} to {hi:g} ppm" if title else f"window {lo:g} to {hi:g} ppm"
+    heading = f"{title} | window [{lo:g}, {hi:g}] ppm" if title else f"window [{lo:g}, {hi:g}] ppm"
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     needed = max([measure.textlength(heading)] + [measure.textlength(str(name)) for name in names])
     width = max(tiles.shape[1] + bar_gap + bar_w + text_w, int(np.ceil(needed)) + 4)
