@@ -6,7 +6,7 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SHAPE, infer, save_tiny_checkpoint, write_case
+from conftest import BUNDLE, SHAPE, infer, save_tiny_checkpoint, write_case
 
 from scripts.checks import FieldSettings, InputError, checked_cases, inference_datalist
 
@@ -105,7 +105,9 @@ def test_values_implausible_for_the_unit_are_refused(tmp_path):
     fpath, mpath = write_case(tmp_path, "hz", field=hz)
     out = tmp_path / "out"
     message = check(out, field=str(fpath), mask=str(mpath))
-    assert_refused(message, out, str(fpath), "implausible for field_unit 'ppm'", "looks like Hz or radians")
+    assert_refused(
+        message, out, str(fpath), "implausible for a local field in field_unit 'ppm'", "--field_unit hz --b0_tesla 3"
+    )
     # the same values, stated as Hz at 3 T, pass
     assert check(out, field=str(fpath), mask=str(mpath), field_unit="hz", b0_tesla=3) == [
         {"image": str(fpath), "mask": str(mpath)}
@@ -189,3 +191,168 @@ def test_inference_datalist_and_the_demo_component(tmp_path):
     assert inference_datalist(demo=demo) == [{"image": str(fpath), "mask": str(mpath)}] and calls == [1]
     assert inference_datalist(field=str(fpath), demo=demo) == [{"image": str(fpath)}] and calls == [1]
     assert check(tmp_path / "out", demo=demo) == [{"image": str(fpath), "mask": str(mpath)}]
+
+
+# ------------------------------------------------------------------------------------------ issue 14
+
+
+def write_label(folder, name, shape=SHAPE):
+    path = folder / f"{name}_chi.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(5).normal(0, 0.05, shape).astype(np.float32), np.eye(4)), path)
+    return path
+
+
+def test_damaged_label_is_refused_before_anything_is_written(tmp_path):
+    """A truncated label (.nii.gz) is read during the checks: refused with its name, not a crash in LoadImaged."""
+    write_case(tmp_path, "a")
+    label = write_label(tmp_path, "a")
+    data = label.read_bytes()
+    label.write_bytes(data[: len(data) // 2])  # the header survives, the data is cut
+    listing = tmp_path / "cases.json"
+    listing.write_text(
+        json.dumps({"testing": [{"image": "a_field.nii.gz", "mask": "a_mask.nii.gz", "label": label.name}]})
+    )
+    out = tmp_path / "out"
+    assert_refused(
+        check(out, datalist=str(listing)), out, str(label), "cannot read the label (true χ) data", "truncated"
+    )
+
+
+def test_local_field_in_hz_at_1p5_tesla_is_refused_with_the_likely_unit(tmp_path):
+    """p99 ≈ 3.3: inside the old [0.001, 5] ppm window, implausible for a local field in ppm (χ would be 64× off)."""
+    hz = np.random.default_rng(3).normal(0, 0.02, SHAPE).astype(np.float32) * 63.87  # 0.02 ppm local field, 1.5 T
+    fpath, mpath = write_case(tmp_path, "hz15", field=hz)
+    out = tmp_path / "out"
+    message = check(out, field=str(fpath), mask=str(mpath))
+    assert_refused(
+        message,
+        out,
+        str(fpath),
+        "implausible for a local field",
+        "expected 0.003–1 ppm",
+        "in Hz at 1.5 T",
+        "--field_unit hz --b0_tesla 1.5",
+        "--field_kind total",
+    )
+    item = [{"image": str(fpath), "mask": str(mpath)}]
+    assert check(out, field=str(fpath), mask=str(mpath), field_unit="hz", b0_tesla=1.5) == item
+    # a total field of a few ppm is plausible as such, and a tiny one is not
+    assert check(out, field=str(fpath), mask=str(mpath), field_kind="total") == item
+    message = check(out, field=str(fpath), mask=str(mpath), field_kind="total", field_unit="hz", b0_tesla=3)
+    assert_refused(message, out, "implausibly small for a total field", "expected 0.03–30 ppm")
+
+
+def test_field_kind_is_validated_and_reaches_the_transforms(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from scripts.grid import PrepareFieldd
+
+    fpath, mpath = write_case(tmp_path, "a")
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(fpath), field_kind="background"), out, "field_kind must be one of local, total")
+    assert FieldSettings.parse(field_kind=" Total ").field_kind == "total"
+    assert PrepareFieldd(field_kind="total").settings.field_kind == "total"
+    config = ConfigParser.load_config_file(str(BUNDLE / "configs" / "inference.json"))
+    assert config["field_kind"] == "local" and config["cases"]["field_kind"] == "@field_kind"
+    prepare = [t for t in config["preprocessing"]["transforms"] if t["_target_"].endswith("PrepareFieldd")]
+    assert prepare[0]["field_kind"] == "@field_kind"
+
+
+def test_settings_problems_and_missing_files_are_reported_together_before_any_volume_is_read(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    missing = tmp_path / "nonexistent_field.nii.gz"
+    message = check(out, field=str(missing), field_unit="hz")
+    assert_refused(message, out, "needs b0_tesla", str(missing), "field file not found", "2 problem(s)")
+    # a missing mask beside an existing field: refused without opening the field
+    fpath, _ = write_case(tmp_path, "a")
+    opened = []
+    real_load = nib.load
+    monkeypatch.setattr(nib, "load", lambda *a, **k: opened.append(a) or real_load(*a, **k))
+    message = check(out, field=str(fpath), mask=str(tmp_path / "no_mask.nii.gz"), dc_weight=0)
+    assert_refused(message, out, "no_mask.nii.gz: mask file not found", "dc_weight must be > 0")
+    assert opened == []
+
+
+def test_demo_rerun_is_refused_before_the_demo_input_is_written(tmp_path):
+    from scripts.demo import DemoCase
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "field_chi.nii.gz").write_bytes(b"earlier result")
+    message = check(out, demo=DemoCase(str(out), seed=0, shape=(32, 32, 32)))
+    assert "already exists" in message and "--overwrite true" in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["field_chi.nii.gz"]
+
+
+def test_complex_field_is_refused(tmp_path):
+    path = tmp_path / "cplx_field.nii.gz"
+    data = (np.ones(SHAPE) + 1j * np.ones(SHAPE)).astype(np.complex64)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(path)), out, str(path), "holds complex values")
+
+
+def test_two_inputs_with_the_same_name_are_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    write_case(tmp_path / "x", "a")
+    write_case(tmp_path / "y", "a")
+    items = [{"image": f"{d}/a_field.nii.gz", "mask": f"{d}/a_mask.nii.gz"} for d in ("x", "y")]
+    (tmp_path / "cases.json").write_text(json.dumps({"testing": items}))
+    out = tmp_path / "out"
+    assert_refused(check(out, datalist=str(tmp_path / "cases.json")), out, "would both write a_field_chi.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [
+        ({"dc_weight": 0}, "dc_weight must be > 0"),
+        ({"dc_weight": -1e-3}, "dc_weight must be > 0"),
+        ({"dc_weight": "abc"}, "dc_weight must be a number"),
+        ({"voxel_size": "[1, 1]"}, "voxel_size must be 3 finite numbers"),
+        ({"voxel_size": "one"}, "voxel_size must be 3 numbers"),
+        ({"voxel_size": [1, -1, 1]}, "voxel_size must be positive"),
+        ({"b0_direction": [0, 0, 0]}, "b0_direction must not be the zero vector"),
+        ({"b0_direction": "[0, 0, nan]"}, "b0_direction must be 3"),
+        ({"check_values": "sometimes"}, "check_values must be true or false"),
+    ],
+)
+def test_malformed_settings_are_refused(tmp_path, settings, fragment):
+    fpath, mpath = write_case(tmp_path, "a")
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(fpath), mask=str(mpath), **settings), out, fragment)
+
+
+def test_zero_field_without_a_mask_is_refused(tmp_path):
+    fpath, _ = write_case(tmp_path, "zero", field=np.zeros(SHAPE, np.float32))
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(fpath)), out, str(fpath), "zero everywhere and no mask was given")
+
+
+def test_check_values_false_skips_the_plausibility_check(tmp_path):
+    hz = np.random.default_rng(2).normal(0, 0.03, SHAPE).astype(np.float32) * 127.7
+    fpath, mpath = write_case(tmp_path, "hz", field=hz)
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(fpath), mask=str(mpath)), out, "implausible")
+    assert check(out, field=str(fpath), mask=str(mpath), check_values="false") == [
+        {"image": str(fpath), "mask": str(mpath)}
+    ]
+
+
+def test_directory_given_as_a_file_is_refused(tmp_path):
+    (tmp_path / "a_field.nii.gz").mkdir()
+    out = tmp_path / "out"
+    assert_refused(check(out, field=str(tmp_path / "a_field.nii.gz")), out, "field is a directory, not an image file")
+
+
+def test_mask_covering_only_nan_voxels_and_a_constant_field_are_refused(tmp_path):
+    field = np.full(SHAPE, 0.02, np.float32)
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[5:8, 5:8, 5:8] = 1
+    field[5:8, 5:8, 5:8] = np.nan
+    fpath, mpath = write_case(tmp_path, "nanmask", field=field, mask=mask)
+    out = tmp_path / "out"
+    message = check(out, field=str(fpath), mask=str(mpath), nonfinite="mask")
+    assert_refused(message, out, str(mpath), "the mask covers only NaN/Inf voxels")
+    fpath, mpath = write_case(tmp_path, "const", field=np.full(SHAPE, 0.02, np.float32))
+    assert_refused(check(out, field=str(fpath), mask=str(mpath)), out, "the field is constant inside the mask")

@@ -47,7 +47,7 @@ def evaluation(tmp_path_factory):
 
 def test_evaluate_writes_tables_and_figures(evaluation):
     out, log = evaluation
-    methods = ["network", *METHODS]
+    methods = ["network alone", "network + refinement", *METHODS]
     listing = json.loads((out / "simulated" / "datalist.json").read_text())
     cases = [item["image"].replace(".nii.gz", "") for item in listing["testing"]]
     assert [c.split("_")[0] for c in cases] == ["healthy", "lesions", "random"]
@@ -104,7 +104,8 @@ def test_tkd_and_network_scores_match_an_independent_recomputation(evaluation):
         assert np.allclose(written.affine, img.affine)
         assert plain_nrmse(written.get_fdata(), truth, mask) == pytest.approx(expected, abs=1e-3)
         network = nib.load(out / f"{case}_chi.nii.gz").get_fdata() * mask
-        assert float(rows[(case, "network")]["nrmse"]) == pytest.approx(plain_nrmse(network, truth, mask), abs=1e-3)
+        refined = float(rows[(case, "network + refinement")]["nrmse"])
+        assert refined == pytest.approx(plain_nrmse(network, truth, mask), abs=1e-3)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tkd"]["nrmse"]["mean"] == pytest.approx(np.mean(tkd_values), abs=1e-3)
 
@@ -151,3 +152,120 @@ def test_summary_table_format():
     assert summary["tkd"]["xsim"]["n"] == 1  # NaN left out
     table = markdown_table(summary)
     assert "| tkd | 15.000 ± 5.000 | 0.500 ± 0.000 | 2.000 ± 1.000 |" in table
+
+
+def tiny_item(dc_weight=3e-4, n=16):
+    """A postprocessed item as the report handlers see it (refined χ = truth, network alone = 0.5·truth)."""
+    from monai.data import MetaTensor
+
+    from scripts.checks import INFO_KEY
+
+    rng = np.random.default_rng(0)
+    truth = torch.zeros(1, n, n, n)
+    truth[0, 4:-4, 4:-4, 4:-4] = torch.as_tensor(rng.normal(0, 0.05, (n - 8,) * 3), dtype=torch.float32)
+    mask = (truth != 0).float()
+    meta = {"affine": torch.eye(4), "filename_or_obj": "/data/case_field.nii.gz"}
+    item = {
+        "image": MetaTensor(truth * 0.1, meta=dict(meta)),
+        "label": MetaTensor(truth.clone(), meta=dict(meta)),
+        "eval_mask": MetaTensor(mask, meta=dict(meta)),
+        "pred": MetaTensor(truth.clone(), meta=dict(meta)),
+        "pred_network": MetaTensor(truth * 0.5, meta=dict(meta)),
+        INFO_KEY: json.dumps({"physics_check": {"dc_weight": dc_weight}}),
+    }
+    return item
+
+
+def test_network_alone_and_refined_are_named_and_both_reported(tmp_path):
+    """Issue 14: evaluation rows, summary.md, metrics.json and the log say "network alone" and
+    "network + refinement" (not "network"), and the network alone is scored even when the refinement is on."""
+    from scripts.evaluation import write_tables
+    from scripts.inference import CaseReport
+
+    report = EvaluationReport(output_dir=str(tmp_path / "eval"), methods=["tkd"])
+    rows = report.evaluate_case(tiny_item(), 1.0, 2.0)
+    assert [r["method"] for r in rows] == ["network alone", "network + refinement", "tkd"]
+    assert rows[1]["nrmse"] == pytest.approx(0, abs=1e-6) and rows[0]["nrmse"] == pytest.approx(50, abs=1e-3)
+    assert [r["seconds"] for r in rows[:2]] == [1.0, 2.0]
+    table = markdown_table(write_tables(rows, str(tmp_path / "eval")))
+    assert "| network alone |" in table and "| network + refinement |" in table and "| network |" not in table
+    # without the refinement there is one network result, the network alone
+    rows = EvaluationReport(output_dir=str(tmp_path / "e2"), methods=["tkd"]).evaluate_case(tiny_item(None))
+    assert [r["method"] for r in rows] == ["network alone", "tkd"]
+
+    case_report = CaseReport(str(tmp_path / "inf"), tkd_threshold=0.15)
+    case_report.report(tiny_item())
+    case_report.report(tiny_item(None))
+    case_report.completed(None)
+    records = json.loads((tmp_path / "inf" / "metrics.json").read_text())
+    assert list(records[0]) == ["case", "network alone", "network + refinement", "tkd"]
+    assert records[0]["network + refinement"]["nrmse_percent"] == pytest.approx(0, abs=1e-6)
+    assert records[0]["network alone"]["nrmse_percent"] == pytest.approx(50, abs=1e-3)
+    assert list(records[1]) == ["case", "network alone", "tkd"]
+
+
+def test_inference_config_keeps_the_network_alone_before_the_refinement():
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_file(str(BUNDLE / "configs" / "inference.json"))
+    targets = [t["_target_"].split(".")[-1] for t in config["postprocessing"]["transforms"]]
+    copies = [t for t in config["postprocessing"]["transforms"] if t.get("names") == "pred_network"]
+    assert copies and copies[0]["keys"] == "pred"
+    assert targets.index("CopyItemsd", targets.index("MaskIntensityd")) < targets.index("DataConsistencyd")
+
+
+def test_evaluation_uses_the_testing_section_and_names_the_cases_left_out(tmp_path, caplog):
+    from scripts.evaluation import evaluation_datalist
+
+    case = {"image": "t_field.nii.gz", "mask": "t_mask.nii.gz", "label": "t_chi.nii.gz"}
+    listing = {"training": [{**case, "image": "tr1_field.nii.gz"}, "tr2_field.nii.gz"], "testing": [case]}
+    (tmp_path / "list.json").write_text(json.dumps(listing))
+    with caplog.at_level("WARNING"):
+        items = evaluation_datalist(str(tmp_path / "list.json"), str(tmp_path / "out"))
+    assert [i["image"] for i in items] == [str(tmp_path / "t_field.nii.gz")]
+    assert "left out: training (2): tr1_field.nii.gz, tr2_field.nii.gz" in caplog.text
+    # no testing section: refused, instead of silently evaluating the training cases
+    (tmp_path / "train_only.json").write_text(json.dumps({"training": [case]}))
+    with pytest.raises(ValueError, match="'testing' section.*missing or empty; it has training"):
+        evaluation_datalist(str(tmp_path / "train_only.json"), str(tmp_path / "out"))
+
+
+def test_simulated_evaluation_set_is_simulated_again_when_the_settings_differ(tmp_path, caplog):
+    from scripts.evaluation import evaluation_datalist
+    from scripts.phantoms import RandomSourcePhantom
+    from scripts.simulate import SimulationSet, write_dataset
+
+    def options(shape):
+        sets = {"random": SimulationSet(RandomSourcePhantom(), num_cases=1, snr=None, splits=[0, 0, 1])}
+        return {"sets": sets, "shape": shape, "voxel_size": [1.5, 1.5, 1.5], "seed": 5}
+
+    (first,) = evaluation_datalist(None, str(tmp_path), options([16, 16, 16]))
+    assert nib.load(first["image"]).shape == (16, 16, 16)
+    with caplog.at_level("INFO"):
+        evaluation_datalist(None, str(tmp_path), options([16, 16, 16]))
+    assert "reusing" in caplog.text
+    with caplog.at_level("WARNING"):
+        (second,) = evaluation_datalist(None, str(tmp_path), options([20, 16, 16]))
+    assert nib.load(second["image"]).shape == (20, 16, 16)
+    assert "shape: [16, 16, 16] → [20, 16, 16]" in caplog.text and "simulating the evaluation set again" in caplog.text
+    # the simulate workflow refuses an existing dataset and says whether its settings differ
+    with pytest.raises(FileExistsError, match="with other settings.*shape"):
+        write_dataset(str(tmp_path / "simulated"), **options([16, 16, 16]))
+
+
+def test_inference_with_a_label_reports_the_network_alone_and_refined(tmp_path):
+    """End to end (tiny generator): metrics.json and the log name both network results; the preview is written."""
+    from conftest import infer, save_tiny_checkpoint, write_case
+
+    fpath, mpath = write_case(tmp_path, "a")
+    label = tmp_path / "a_chi.nii.gz"
+    nib.save(nib.Nifti1Image(nib.load(fpath).get_fdata().astype(np.float32) * 3, np.eye(4)), label)
+    items = [{"image": fpath.name, "mask": mpath.name, "label": label.name}]
+    (tmp_path / "cases.json").write_text(json.dumps({"testing": items}))
+    out = tmp_path / "out"
+    log = infer(save_tiny_checkpoint(tmp_path / "m.pt"), out, "--datalist", str(tmp_path / "cases.json"))
+    (record,) = json.loads((out / "metrics.json").read_text())
+    assert list(record) == ["case", "network alone", "network + refinement", "tkd"]
+    assert record["network + refinement"] != record["network alone"]  # two results, not one reported twice
+    assert "network alone NRMSE" in log and "network + refinement NRMSE" in log
+    assert (out / "a_field_chi.png").is_file()

@@ -28,6 +28,7 @@ __all__ = [
     "InputError",
     "FieldSettings",
     "NONFINITE_POLICIES",
+    "FIELD_KINDS",
     "PLAUSIBLE_PPM",
     "OUTPUT_SUFFIXES",
     "INFO_KEY",
@@ -35,6 +36,8 @@ __all__ = [
     "check_cases",
     "check_case",
     "check_output_dir",
+    "path_problems",
+    "output_problems",
     "inference_datalist",
     "output_paths",
     "file_stem",
@@ -54,10 +57,23 @@ logger = logging.getLogger(__name__)
 #: of the mask.
 NONFINITE_POLICIES = ("error", "mask")
 
-#: Range (ppm) the 99th percentile of |local field| inside the mask must fall in to be believed. Local fields of
-#: brain tissue, veins and bleeds stay well inside ±5 ppm; a value above means Hz or radians given as ppm (or a wrong
-#: ``b0_tesla``/``echo_time``), one below means ppm given as Hz/rad, or tesla.
-PLAUSIBLE_PPM = (1e-3, 5.0)
+#: What the field is: ``local`` (background field removed: what the network was trained on) or ``total`` (the
+#: unwrapped field before background removal; what the bundle does with it is up to the transforms).
+FIELD_KINDS = ("local", "total")
+
+#: Window (ppm) per field kind that the 99th percentile of |field| inside the mask (demeaned) must fall in to be
+#: believed. Local fields of brains have a p99 of about 0.02–0.3 ppm (veins, deep grey nuclei, bleeds up to a few
+#: tenths); the window ``[0.003, 1]`` leaves a margin of about 7× below and 3× above. A total field inside the brain
+#: reaches several ppm near air–tissue interfaces (sinuses, ear canals: up to ~10 ppm) and is rarely below 0.1 ppm at
+#: its p99; the window ``[0.03, 30]`` leaves a margin of 3× on either side. A value above the window usually means Hz
+#: or radians given as ppm (or a wrong ``b0_tesla``/``echo_time``); one below, ppm given as Hz/rad, or tesla.
+PLAUSIBLE_PPM = {"local": (3e-3, 1.0), "total": (0.03, 30.0)}
+
+#: Typical p99 range (ppm) per field kind, used to suggest the likely unit of an implausible field.
+TYPICAL_PPM = {"local": (0.01, 0.5), "total": (0.1, 10.0)}
+
+#: Field strengths (T) and echo times (s) tried when suggesting the likely unit.
+COMMON_B0_TESLA = (1.5, 3.0, 7.0)
 
 #: Files written per case: ``{stem}{suffix}`` in ``output_dir``.
 OUTPUT_SUFFIXES = {
@@ -143,11 +159,20 @@ class FieldSettings:
     echo_time: float | None = None
     nonfinite: str = "error"
     check_values: bool = True
+    field_kind: str = "local"
 
     @classmethod
-    def parse(cls, field_unit="ppm", b0_tesla=None, echo_time=None, nonfinite="error", check_values=True):
+    def parse(
+        cls, field_unit="ppm", b0_tesla=None, echo_time=None, nonfinite="error", check_values=True, field_kind="local"
+    ):
         """Validated settings from config/command-line values; raises :class:`InputError` listing every problem."""
         problems = []
+        kind = str(field_kind).strip().lower()
+        if kind not in FIELD_KINDS:
+            problems.append(
+                f"field_kind must be one of {', '.join(FIELD_KINDS)} (a background-removed local field, or the total "
+                f"field before background removal), got {field_kind!r}"
+            )
         unit = str(field_unit).strip().lower()
         if unit not in FIELD_UNITS:
             problems.append(f"field_unit must be one of {', '.join(FIELD_UNITS)}, got {field_unit!r}")
@@ -182,7 +207,7 @@ class FieldSettings:
             check = True
         if problems:
             raise InputError("; ".join(problems))
-        return cls(unit, b0, te, policy, check)
+        return cls(unit, b0, te, policy, check, kind)
 
     @property
     def ppm_per_unit(self) -> float:
@@ -191,9 +216,9 @@ class FieldSettings:
 
     def describe(self) -> str:
         if self.field_unit == "ppm":
-            return "ppm"
+            return f"ppm, {self.field_kind} field"
         extra = f", B0 {self.b0_tesla:g} T" + (f", TE {self.echo_time:g} s" if self.field_unit == "rad" else "")
-        return f"{self.field_unit}{extra}"
+        return f"{self.field_unit}{extra}, {self.field_kind} field"
 
 
 # ---------------------------------------------------------------------------------------------- per-case record
@@ -269,50 +294,90 @@ def _spatial_shape(img, path: str, role: str) -> tuple[tuple[int, ...] | None, s
 
 
 def _read(img, path: str, role: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:
+    """The whole data array (float32), or the problem: a damaged or truncated file fails here."""
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as e:
-        return None, f"{path}: cannot read the {role} data ({type(e).__name__}: {e})"
+        return None, (
+            f"{path}: cannot read the {role} data ({type(e).__name__}: {e}); the file is damaged or truncated "
+            "(copy it again)"
+        )
     return data, None
 
 
+#: The paths of a case and what they are.
+ROLES = {"image": "field", "mask": "mask", "label": "label (true χ)"}
+
+
+def path_problems(item: dict) -> list[str]:
+    """Missing files and directories among a case's paths, without opening anything."""
+    problems = []
+    for key, role in ROLES.items():
+        if key == "image" or item.get(key) is not None:
+            path = item.get(key)
+            if not isinstance(path, str) or not path:
+                problems.append(f"{role}: no file given ({path!r})")
+            elif not os.path.exists(path):
+                problems.append(f"{path}: {role} file not found")
+            elif os.path.isdir(path):
+                problems.append(f"{path}: {role} is a directory, not an image file")
+    return problems
+
+
+def _unit_suggestions(native: float, settings: FieldSettings) -> list[str]:
+    """Readings of a p99 of ``native`` (in the stated unit's number) that would be typical for the field kind."""
+    lo, hi = TYPICAL_PPM[settings.field_kind]
+    out = []
+    if settings.field_unit != "ppm" and lo <= native <= hi:
+        out.append(f"as ppm it would be {native:.3g} ppm: use --field_unit ppm")
+    for b0 in COMMON_B0_TESLA:
+        ppm = float(convert_field(native, "hz", "ppm", b0_tesla=b0))
+        if lo <= ppm <= hi and not (settings.field_unit == "hz" and settings.b0_tesla == b0):
+            out.append(f"in Hz at {b0:g} T it would be {ppm:.2g} ppm: use --field_unit hz --b0_tesla {b0:g}")
+    if not out:  # radians at a typical echo time
+        for b0 in COMMON_B0_TESLA:
+            ppm = float(convert_field(native, "rad", "ppm", b0_tesla=b0, echo_time=0.02))
+            if lo <= ppm <= hi:
+                out.append(
+                    f"in radians at TE 20 ms and {b0:g} T it would be {ppm:.2g} ppm: use --field_unit rad "
+                    f"--echo_time <TE in s> --b0_tesla {b0:g}"
+                )
+    return out
+
+
 def _value_problem(path: str, values_ppm: np.ndarray, settings: FieldSettings) -> str | None:
-    """Is the field believable in the stated unit? ``values_ppm``: the field in the mask, converted, demeaned."""
+    """Is the field believable in the stated unit and kind? ``values_ppm``: the field in the mask, in ppm, demeaned.
+
+    The 99th percentile of |field| must lie in :data:`PLAUSIBLE_PPM` of ``settings.field_kind``; the message names
+    the readings (Hz at 1.5/3/7 T, ppm, radians) under which the values would be typical.
+    """
     p99 = float(np.percentile(np.abs(values_ppm), 99))
-    lo, hi = PLAUSIBLE_PPM
+    kind = settings.field_kind
+    lo, hi = PLAUSIBLE_PPM[kind]
+    if lo <= p99 <= hi:
+        return None
     unit = settings.field_unit
     native = p99 / settings.ppm_per_unit
-    seen = f"the 99th percentile of |field| in the mask is {native:.3g} {unit}" + (
-        f" = {p99:.3g} ppm" if unit != "ppm" else ""
-    )
-    if p99 > hi:
-        hint = {
-            "ppm": "it looks like Hz or radians; set field_unit (--field_unit hz --b0_tesla 3, or --field_unit rad "
-            "--echo_time 0.02 --b0_tesla 3)",
-            "hz": (
-                f"check b0_tesla ({settings.b0_tesla:g} T) and the unit (radians? then --field_unit rad "
-                "--echo_time ...)"
-                if settings.b0_tesla
-                else "check the unit"
-            ),
-            "rad": (
-                f"check echo_time ({settings.echo_time:g} s: seconds, not ms) and b0_tesla "
-                f"({settings.b0_tesla:g} T), and that the phase is unwrapped and background-removed"
-                if settings.b0_tesla and settings.echo_time
-                else "check the unit"
-            ),
-        }[unit]
-        limit = f"a local field stays within ±{hi:g} ppm"
-        return f"{path}: values implausible for field_unit {unit!r}: {seen}, while {limit}; {hint}"
-    if p99 < lo:
-        hint = (
-            "is it in tesla or ppb? convert it to ppm"
-            if unit == "ppm"
-            else "it looks like ppm already; set --field_unit ppm"
+    seen = f"p99 |field| in the mask = {native:.3g} {unit}" + (f" = {p99:.3g} ppm" if unit != "ppm" else "")
+    expected = f"expected {lo:g}–{hi:g} ppm for a {kind} field"
+    what = "implausible" if p99 > hi else "implausibly small"
+    hints = _unit_suggestions(native, settings)
+    if p99 < lo and unit == "ppm":
+        hints.append("is it in tesla or ppb? convert it to ppm")
+    if unit == "hz" and settings.b0_tesla:
+        hints.append(f"check b0_tesla ({settings.b0_tesla:g} T)")
+    if unit == "rad" and settings.b0_tesla and settings.echo_time:
+        hints.append(
+            f"check echo_time ({settings.echo_time:g} s: seconds, not ms) and b0_tesla ({settings.b0_tesla:g} T), "
+            "and that the phase is unwrapped"
         )
-        limit = f"a local field reaches > {lo:g} ppm"
-        return f"{path}: values implausibly small for field_unit {unit!r}: {seen} ({limit}); {hint}"
-    return None
+    if kind == "local" and p99 > hi:
+        hints.append("if it is the total field (background not removed), say --field_kind total")
+    hint = "; ".join(hints) if hints else "check field_unit, b0_tesla and echo_time"
+    return (
+        f"{path}: values {what} for a {kind} field in field_unit {unit!r}: {seen} ({expected}); {hint}; "
+        "--check_values false skips this check"
+    )
 
 
 def check_case(item: dict, settings: FieldSettings) -> tuple[list[str], list[str]]:
@@ -396,11 +461,17 @@ def check_case(item: dict, settings: FieldSettings) -> tuple[list[str], list[str
                 problems.append(problem)
     lpath = item.get("label")
     if lpath is not None:
-        limg, problem = _open(lpath, "label (true χ)")
+        role = "label (true χ)"
+        limg, problem = _open(lpath, role)
         if problem is None:
-            lshape, problem = _spatial_shape(limg, lpath, "label (true χ)")
+            lshape, problem = _spatial_shape(limg, lpath, role)
             if problem is None and lshape != shape:
                 problem = f"{lpath}: label shape {lshape} differs from the field's {shape} ({fpath})"
+        if problem is None:  # read the data: a truncated or damaged file fails here, not inside LoadImaged
+            label, problem = _read(limg, lpath, role, shape)
+            if problem is None and not np.all(np.isfinite(label)):
+                problem = f"{lpath}: the {role} contains NaN or infinite values"
+            del label
         if problem:
             problems.append(problem)
     return problems, warnings
@@ -447,19 +518,9 @@ def remove_empty_dirs(folders: Sequence[str]) -> None:
             os.rmdir(folder)
 
 
-def check_cases(
-    items: Sequence[dict], settings: FieldSettings, output_dir: str, overwrite: bool = False
-) -> tuple[list[str], list[str], list[str]]:
-    """Check every case and where its outputs go; returns (problems, warnings, directories created)."""
+def output_problems(items: Sequence[dict], output_dir: str, overwrite: bool = False) -> list[str]:
+    """Outputs that exist already (unless ``overwrite``) and inputs that would write the same files."""
     problems: list[str] = []
-    warnings: list[str] = []
-    for item in items:
-        p, w = check_case(item, settings)
-        problems += p
-        warnings += w
-    problem, created = check_output_dir(output_dir)
-    if problem:
-        problems.append(problem)
     stems: dict[str, str] = {}
     for item in items:
         source = str(item.get("image"))
@@ -479,6 +540,23 @@ def check_cases(
                 problems.append(
                     f"{source}: output {', '.join(existing)} already exists; pass --overwrite true to replace it"
                 )
+    return problems
+
+
+def check_cases(
+    items: Sequence[dict], settings: FieldSettings, output_dir: str, overwrite: bool = False
+) -> tuple[list[str], list[str], list[str]]:
+    """Check every case (reading its volumes) and where its outputs go; returns (problems, warnings, dirs created)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    for item in items:
+        p, w = check_case(item, settings)
+        problems += p
+        warnings += w
+    problem, created = check_output_dir(output_dir)
+    if problem:
+        problems.append(problem)
+    problems += output_problems(items, output_dir, overwrite)
     return problems, warnings, created
 
 
@@ -538,6 +616,7 @@ def checked_cases(
     output_dir: str,
     demo: Callable[[], dict[str, str]] | None = None,
     field_unit: str = "ppm",
+    field_kind: str = "local",
     b0_tesla: float | None = None,
     echo_time: float | None = None,
     nonfinite: str = "error",
@@ -549,15 +628,22 @@ def checked_cases(
 ) -> list[dict[str, str]]:
     """The cases to reconstruct (:func:`inference_datalist`; ``demo`` when no input is given), every one checked.
 
-    All settings, cases and the output directory are checked before anything is written. With any problem the run
-    stops (``SystemExit``: a non-zero exit status) with a message listing each problem and the file it concerns;
-    an output directory created for the check is removed again. Warnings (NaN/Inf left out of the mask with
-    ``nonfinite: "mask"``) are logged.
+    Nothing is written before every check has passed. In two stages, each reporting every problem it finds:
+
+    1. without reading any volume: the settings, the datalist, that every ``image``/``mask``/``label`` path exists,
+       the output directory (created if needed and probed) and existing outputs / clashing output names (for the
+       demo, the files it would write, before it writes its input into ``output_dir/demo_input``);
+    2. only if stage 1 found nothing: every volume is opened and its data read (field, mask and label), and the
+       field's values are checked against its unit and kind.
+
+    With any problem the run stops (``SystemExit``: a non-zero exit status) with a message listing each problem and
+    the file it concerns; an output directory created for the check is removed again. Warnings (NaN/Inf left out of
+    the mask with ``nonfinite: "mask"``) are logged.
     """
     problems: list[str] = []
     settings = None
     try:
-        settings = FieldSettings.parse(field_unit, b0_tesla, echo_time, nonfinite, check_values)
+        settings = FieldSettings.parse(field_unit, b0_tesla, echo_time, nonfinite, check_values, field_kind)
     except InputError as e:
         problems.append(str(e))
     for name, value, positive in (("voxel_size", voxel_size, True), ("b0_direction", b0_direction, False)):
@@ -575,31 +661,37 @@ def checked_cases(
         overwrite = as_bool(overwrite, "overwrite")
     except InputError as e:
         problems.append(str(e))
-    created: list[str] = []
+        overwrite = False
+    use_demo = is_null(field) and is_null(datalist) and demo is not None
     items: list[dict] = []
-    if not problems:
-        if (
-            is_null(field) and is_null(datalist) and demo is not None
-        ):  # the demo case goes into output_dir: check it first
-            problem, created = check_output_dir(output_dir)
-            if problem:
-                problems.append(problem)
-        if not problems:
-            try:
-                items = inference_datalist(
-                    None if is_null(field) else field,
-                    None if is_null(mask) else mask,
-                    None if is_null(datalist) else datalist,
-                    demo,
-                )
-            except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-                where = datalist if not is_null(datalist) else field
-                problems.append(f"{where}: {e}")
+    planned: list[dict] = []
+    if use_demo:  # the files the demo would write, without writing them
+        plan = getattr(demo, "planned", None)
+        planned = [plan()] if callable(plan) else []
+    else:
+        try:
+            items = inference_datalist(
+                None if is_null(field) else field,
+                None if is_null(mask) else mask,
+                None if is_null(datalist) else datalist,
+            )
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            where = datalist if not is_null(datalist) else field
+            problems.append(f"{where}: {e}" if where is not None else str(e))
+    for item in items:
+        problems += path_problems(item)
+    problem, created = check_output_dir(output_dir)
+    if problem:
+        problems.append(problem)
+    problems += output_problems(items or planned, output_dir, overwrite)
     warnings: list[str] = []
-    if items and settings is not None:
-        p, warnings, made = check_cases(items, settings, output_dir, overwrite)
-        problems += p
-        created += made
+    if not problems:  # stage 2: read every volume
+        if use_demo:
+            items = [demo()]  # type: ignore[misc]
+        for item in items:
+            p, w = check_case(item, settings)  # type: ignore[arg-type]
+            problems += p
+            warnings += w
     if problems:
         remove_empty_dirs(created)
         lines = "\n".join(f"  - {p}" for p in problems)

@@ -1,6 +1,7 @@
 """The demo case: a simulated 1 mm brain with four microbleeds, written as NIfTI for the inference workflow.
 
-``configs/inference.json`` builds :class:`DemoCase` as ``demo_case``; :func:`scripts.checks.checked_cases` calls it
+``configs/inference.json`` builds :class:`DemoCase` as ``demo_case``; :func:`scripts.checks.checked_cases` first checks
+the outputs it would lead to (:meth:`DemoCase.planned`, nothing written) and calls it
 only when neither ``--field`` nor ``--datalist`` is given.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["DemoCase", "write_demo_case"]
+__all__ = ["DemoCase", "write_demo_case", "demo_paths"]
 
 
 class DemoCase:
@@ -26,8 +27,22 @@ class DemoCase:
     def __init__(self, output_dir: str, seed: int, shape: Sequence[int] = (160, 192, 160)) -> None:
         self.output_dir, self.seed, self.shape = output_dir, int(seed), tuple(int(n) for n in shape)
 
+    def planned(self) -> dict[str, str]:
+        """The datalist item :meth:`__call__` would return, without writing anything (for the output checks)."""
+        return demo_paths(self.output_dir)
+
     def __call__(self) -> dict[str, str]:
         return write_demo_case(self.output_dir, self.seed, self.shape)
+
+
+def demo_paths(output_dir: str) -> dict[str, str]:
+    """Where :func:`write_demo_case` writes the field, mask and true χ: ``{"image", "mask", "label"}`` → path."""
+    folder = os.path.join(output_dir, "demo_input")
+    return {key: os.path.join(folder, f"{name}.nii.gz") for key, name in _NAMES.items() if key in _ITEM_KEYS}
+
+
+_NAMES = {"image": "field", "mask": "mask", "label": "chi_truth", "labels": "labels", "lesion_ids": "lesion_ids"}
+_ITEM_KEYS = ("image", "mask", "label")
 
 
 def write_demo_case(output_dir: str, seed: int, shape: Sequence[int] = (160, 192, 160)) -> dict[str, str]:
@@ -51,13 +66,13 @@ def write_demo_case(output_dir: str, seed: int, shape: Sequence[int] = (160, 192
     folder = os.path.join(output_dir, "demo_input")
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    names = {"image": "field", "mask": "mask", "label": "chi_truth", "labels": "labels", "lesion_ids": "lesion_ids"}
+    names = _NAMES
     sources = {"image": "field", "mask": "mask", "label": "chi", "labels": "labels", "lesion_ids": "lesion_ids"}
     for key, name in names.items():
         volume = case[sources[key]].numpy()
         volume = volume.astype(np.int16 if key in ("labels", "lesion_ids") else np.float32)
         path = os.path.join(folder, f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(volume, case["affine"].numpy()), path)
-        if key in ("image", "mask", "label"):
+        if key in _ITEM_KEYS:
             paths[key] = path
     return paths

@@ -3,7 +3,8 @@
 ``configs/evaluate.json`` (merged over ``configs/inference.json``) runs the network exactly as inference does —
 the same preprocessing (``scripts.grid.PrepareFieldd``, ``ToNetworkGridd``), sliding-window inferer and
 postprocessing (``Invertd`` back to the input grid, the data-consistency step, the NIfTI/PNG/report writers) — on
-cases with ground truth: the ``testing`` items of ``--datalist``, or, without one, a small simulated set (a healthy
+cases with ground truth: the ``testing`` items of ``--datalist`` (only those: the ``training`` and ``validation``
+cases are named in a warning and left out), or, without one, a small simulated set (a healthy
 brain, a brain with lesions and a random-source volume, :func:`evaluation_datalist`). The tissue ``labels`` and
 ``lesion_ids`` of a case are loaded beside it and left untouched, so everything is scored on the dataset's own grid.
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from .checks import inference_datalist, output_stem
+from .inference import NETWORK_ALONE, NETWORK_METHODS, network_results
 from .physics import voxel_size_from_affine
 from .writers import atomic_output, preview_image
 
@@ -53,8 +55,24 @@ TABLE_METRICS = (
 )
 
 
+#: The datalist section evaluation scores: the held-out cases. ``training`` and ``validation`` are left out (a
+#: warning names them), so that a model is never scored on cases it was trained or tuned on.
+EVALUATION_SECTION = "testing"
+
+
+def _case_names(entries: Sequence, limit: int = 20) -> str:
+    names = [os.path.basename(str(e.get("image") if isinstance(e, Mapping) else e)) for e in entries]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping | None = None) -> list[dict]:
     """Cases with ground truth: the ``testing`` items of ``datalist``, or a small simulated set.
+
+    Only the ``testing`` section is evaluated (:data:`EVALUATION_SECTION`): a datalist without one is refused, and
+    the cases of its ``training`` and ``validation`` sections are named in a warning. The simulated set (no
+    ``datalist``) goes to ``output_dir/simulated``; one already there is reused only if its ``simulation.json``
+    records the same settings, else it is simulated again (with a warning naming the differences).
 
     Arguments:
         datalist: MONAI datalist JSON whose ``testing`` items have ``image`` (field), ``label`` (χ), ``mask`` and
@@ -63,19 +81,40 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
         simulate: keyword arguments of :func:`scripts.simulate.write_dataset` for that set (its ``sets``).
     """
     if datalist is None:
-        from .simulate import write_dataset
+        from .simulate import settings_differences, simulation_settings, write_dataset
 
         folder = os.path.join(output_dir, "simulated")
         listing = os.path.join(folder, "datalist.json")
-        if not os.path.exists(listing):
-            listing = write_dataset(folder, **dict(simulate or {}))
+        options = dict(simulate or {})
+        keys = ("shape", "voxel_size", "b0_direction", "seed")
+        wanted = simulation_settings(options.get("sets", {}), **{k: options[k] for k in keys if k in options})
+        diff = settings_differences(folder, wanted) if os.path.exists(listing) else []
+        if not os.path.exists(listing) or diff:
+            if diff or diff is None:
+                why = "no record of its settings" if diff is None else "other settings: " + "; ".join(diff)
+                logger.warning(f"{listing} was simulated with {why}; simulating the evaluation set again")
+            listing = write_dataset(folder, **options, overwrite=True)
+        else:
+            logger.info(f"reusing {listing} (simulated with the same settings)")
         datalist = listing
-    items = inference_datalist(datalist=datalist)
     with open(datalist) as f:
         raw = json.load(f)
-    section = next(k for k in ("testing", "validation", "training") if raw.get(k))
+    if not isinstance(raw, Mapping) or not raw.get(EVALUATION_SECTION):
+        sections = [k for k in ("training", "validation") if isinstance(raw, Mapping) and raw.get(k)]
+        raise ValueError(
+            f"{datalist}: evaluation scores the '{EVALUATION_SECTION}' section (held-out cases), which is missing or "
+            f"empty"
+            + (f"; it has {', '.join(sections)}: put the cases to evaluate under 'testing'" if sections else "")
+        )
+    left_out = {k: raw[k] for k in ("training", "validation") if raw.get(k)}
+    if left_out:
+        logger.warning(
+            f"evaluating the {len(raw[EVALUATION_SECTION])} '{EVALUATION_SECTION}' case(s) of {datalist}; left out: "
+            + "; ".join(f"{k} ({len(v)}): {_case_names(v)}" for k, v in left_out.items())
+        )
+    items = inference_datalist(datalist=datalist)
     base = os.path.dirname(os.path.abspath(datalist))
-    for item, original in zip(items, raw[section]):
+    for item, original in zip(items, raw[EVALUATION_SECTION]):
         if "label" not in item:
             raise ValueError(
                 f"evaluation needs the true χ ('label') for every case; {original!r} in {datalist} has none"
@@ -90,6 +129,12 @@ def case_set(case: str) -> str:
     """The simulated set of a case named ``{set}_{index:03d}_field`` (:mod:`scripts.simulate`), else ``"cases"``."""
     match = re.match(r"^(.*)_\d{3}_field$", case)
     return match.group(1) if match else "cases"
+
+
+def volume_of(value) -> torch.Tensor:
+    """The first channel of a (1, X, Y, Z) tensor or MetaTensor as a float32 CPU tensor."""
+    t = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+    return t.detach().cpu().float()[0]
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -111,7 +156,8 @@ class EvaluationReport:
     """Score the network and classical methods on every case of an evaluator run; write tables and figures.
 
     Per case it reads, from the evaluator's decollated batch and output (``configs/evaluate.json``): ``pred`` (the
-    network's χ, brought back to the input grid by ``Invertd``), ``image`` (the local field on the input grid, after
+    network's χ, brought back to the input grid by ``Invertd`` and refined), ``pred_network`` (the same before the
+    refinement), ``image`` (the local field on the input grid, after
     ``scripts.grid.InputFieldd``), ``label`` (true χ), ``eval_mask`` (the mask ``PrepareFieldd`` used) and, when the
     datalist has them, ``labels`` (tissue labels) and ``lesion_ids`` (lesion instances). Voxel size and B0 direction
     come from the field's affine (B0 = world z) unless ``b0_direction`` is given. Every method is scored on the
@@ -127,9 +173,14 @@ class EvaluationReport:
         b0_direction: B0 in voxel coordinates (None: from the affine).
         device: where the classical methods run (e.g. the evaluator's CUDA device); default CPU.
 
-    Runtime: ``seconds`` is the wall-clock time of each classical method and, for the network, of the evaluator's
-    forward pass (sliding windows over the whole volume, from ``ITERATION_STARTED`` to ``FORWARD_COMPLETED``;
-    loading, resampling and the data-consistency step are not included).
+    The network is scored twice when the refinement is on (``dc_weight`` not null): ``"network alone"`` (its χ
+    before the data-consistency step, kept by ``inference.json`` as ``pred_network``) and ``"network + refinement"``
+    (``pred``); with ``--dc_weight null`` only ``"network alone"``.
+
+    Runtime: ``seconds`` is the wall-clock time of each classical method; for ``"network alone"``, of the
+    evaluator's forward pass (sliding windows over the whole volume, from ``ITERATION_STARTED`` to
+    ``FORWARD_COMPLETED``; loading and resampling to the network grid not included); for ``"network + refinement"``,
+    that plus the whole postprocessing (resampling back, the refinement, the residual and writing the case's outputs).
     """
 
     def __init__(
@@ -181,18 +232,24 @@ class EvaluationReport:
         self._started = time.perf_counter()
 
     def _tock(self, engine) -> None:
-        self._forward_seconds = time.perf_counter() - self._started
+        self._forward_done = time.perf_counter()
+        self._forward_seconds = self._forward_done - self._started
 
     def iteration(self, engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
-        seconds = getattr(self, "_forward_seconds", float("nan")) / max(1, len(outputs))
+        n = max(1, len(outputs))
+        seconds = getattr(self, "_forward_seconds", float("nan")) / n
+        # postprocessing (resampling back, refinement, residual, writing) runs between the forward pass and here
+        post = (time.perf_counter() - getattr(self, "_forward_done", float("nan"))) / n
         for index, output in enumerate(outputs):
             batch = batches[index] if index < len(batches) and isinstance(batches[index], Mapping) else {}
             item = {**batch, **output}  # postprocessing leaves new keys in the output, the loaded ones in the batch
-            self.evaluate_case(item, seconds)
+            self.evaluate_case(item, seconds, seconds + post)
 
-    def evaluate_case(self, item: Mapping, network_seconds: float = float("nan")) -> list[dict]:
+    def evaluate_case(
+        self, item: Mapping, network_seconds: float = float("nan"), refined_seconds: float = float("nan")
+    ) -> list[dict]:
         """Run the classical methods on one case and record the metrics of every method (returns its rows)."""
         from .baselines import run_method
         from .metrics import compute_all
@@ -218,7 +275,10 @@ class EvaluationReport:
         labels = volume("labels", torch.int64)
         lesion_ids = volume("lesion_ids", torch.int64)
         case = output_stem(image)
-        maps = {"network": (pred * mask, float(network_seconds))}
+        maps = {}
+        for method, chi in network_results(item).items():
+            t = network_seconds if method == NETWORK_ALONE else refined_seconds
+            maps[method] = (volume_of(chi) * mask, float(t))
         for name, kwargs in self.methods.items():
             chi, seconds = run_method(name, field.to(self.device), mask.to(self.device), voxel, b0, **kwargs)
             maps[name] = (chi.cpu().float() * mask, seconds)
@@ -229,9 +289,9 @@ class EvaluationReport:
             rows.append(row)
             logger.info(f"{case} {method}: NRMSE {scores['nrmse']:.1f} %, XSIM {scores['xsim']:.3f} ({seconds:.1f} s)")
         self.rows.extend(rows)
-        self._figure(case, truth.numpy(), mask.numpy(), {m: c.numpy() for m, (c, _) in maps.items()})
+        self._figure(case, truth.numpy(), mask.numpy(), {m: c.numpy() for m, (c, _) in maps.items()}, affine)
         if self.save_maps:
-            self._save_maps(case, affine, {m: c for m, (c, _) in maps.items() if m != "network"})
+            self._save_maps(case, affine, {m: c for m, (c, _) in maps.items() if m not in NETWORK_METHODS})
         return rows
 
     def _save_maps(self, case: str, affine: np.ndarray, maps: Mapping[str, torch.Tensor]) -> None:
@@ -244,25 +304,26 @@ class EvaluationReport:
             with atomic_output(path, overwrite=True) as tmp:
                 nib.save(nib.Nifti1Image(chi.numpy().astype(np.float32), affine), tmp)
 
-    def _figure(self, case: str, truth: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+    def _figure(self, case: str, truth: np.ndarray, mask: np.ndarray, maps: dict[str, np.ndarray], affine=None) -> None:
         """``{case}_evaluation.png``: the truth, then per method its χ and its error χ − truth (masked), all through
-        the same voxel (the mask's centre of mass) and in the same windows."""
+        the same voxel (the mask's centre of mass) and in the same windows; RAS orientation and true aspect from
+        ``affine`` (:func:`scripts.writers.preview_image`)."""
         from PIL import Image, ImageDraw
 
         inside = mask > 0
         centre = [int(round(float(c.mean()))) for c in np.nonzero(inside)] if inside.any() else None
         half = self.error_window
-        rows = [preview_image([truth * inside], self.window, centre)]
+        rows = [preview_image([truth * inside], self.window, centre, affine)]
         names = ["truth"]
         for method, chi in maps.items():
-            chi_img = preview_image([chi * inside], self.window, centre)
-            err_img = preview_image([(chi - truth) * inside], (-half, half), centre)
+            chi_img = preview_image([chi * inside], self.window, centre, affine)
+            err_img = preview_image([(chi - truth) * inside], (-half, half), centre, affine)
             row = Image.new("L", (chi_img.width + 8 + err_img.width, chi_img.height))
             row.paste(chi_img, (0, 0))
             row.paste(err_img, (chi_img.width + 8, 0))
             rows.append(row)
             names.append(f"{method}\n| error")
-        label_w = 90
+        label_w = 130
         canvas = Image.new("L", (label_w + max(r.width for r in rows), sum(r.height for r in rows) + 16), 0)
         draw = ImageDraw.Draw(canvas)
         draw.text(

@@ -145,10 +145,11 @@ class PrepareFieldd(MapTransform):
         echo_time: float | None = None,
         nonfinite: str = "error",
         demean: bool = True,
+        field_kind: str = "local",
     ) -> None:
         super().__init__(keys)
         self.mask_key = mask_key
-        self.settings = FieldSettings.parse(field_unit, b0_tesla, echo_time, nonfinite, True)
+        self.settings = FieldSettings.parse(field_unit, b0_tesla, echo_time, nonfinite, True, field_kind)
         self.demean = as_bool(demean, "demean")
 
     def __call__(self, data):
@@ -187,6 +188,7 @@ class PrepareFieldd(MapTransform):
                     "input": name,
                     "mask": source_filename(mask) if mask is not None else "field != 0",
                     "field_unit": self.settings.field_unit,
+                    "field_kind": self.settings.field_kind,
                     "b0_tesla": self.settings.b0_tesla,
                     "echo_time_s": self.settings.echo_time,
                     "ppm_per_unit": factor,

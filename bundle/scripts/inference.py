@@ -26,11 +26,32 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from .baselines import tkd
-from .checks import output_stem
+from .checks import case_info, output_stem
 from .metrics import hfen, nrmse, xsim
 from .physics import b0_direction_from_affine, voxel_size_from_affine
 
-__all__ = ["CropSlidingWindowInferer", "CaseReport"]
+__all__ = ["CropSlidingWindowInferer", "CaseReport", "NETWORK_ALONE", "NETWORK_REFINED", "network_results"]
+
+#: Method names of the network's results in logs, ``metrics.json`` and the evaluation's tables.
+NETWORK_ALONE = "network alone"
+NETWORK_REFINED = "network + refinement"
+NETWORK_METHODS = (NETWORK_ALONE, NETWORK_REFINED)
+
+#: Key under which ``inference.json`` keeps the network's χ before the data-consistency refinement replaces ``pred``.
+NETWORK_ALONE_KEY = "pred_network"
+
+
+def network_results(item) -> dict:
+    """``{method name: χ}`` of the network in a postprocessed item: ``{"network alone": ...}`` when the refinement
+    was off (``dc_weight`` null), else also ``"network + refinement"`` (``pred``, refined) beside the network alone
+    (``pred_network``, the copy ``inference.json`` keeps before ``DataConsistencyd``)."""
+    refined = case_info(item).get("physics_check", {}).get("dc_weight") is not None
+    if not refined:
+        return {NETWORK_ALONE: item["pred"]}
+    alone = item.get(NETWORK_ALONE_KEY)
+    if alone is None:
+        return {NETWORK_REFINED: item["pred"]}
+    return {NETWORK_ALONE: alone, NETWORK_REFINED: item["pred"]}
 
 
 class CropSlidingWindowInferer(Inferer):
@@ -136,9 +157,10 @@ class CropSlidingWindowInferer(Inferer):
 class CaseReport:
     """Log, per reconstructed case, how it compares with the known truth and with TKD on the same field.
 
-    Cases that come with a ``label`` (true χ) get NRMSE (%), XSIM and HFEN (%) of the network and of TKD
-    (threshold ``tkd_threshold``, ``inference.json``: 0.15) inside the mask, logged and written to
-    ``{output_dir}/metrics.json``.
+    Cases that come with a ``label`` (true χ) get NRMSE (%), XSIM and HFEN (%) inside the mask of the
+    ``"network alone"``, of the ``"network + refinement"`` (when ``dc_weight`` is not null) and of ``"tkd"``
+    (threshold ``tkd_threshold``, ``inference.json``: 0.15), logged and written to ``{output_dir}/metrics.json``
+    (one record per case, keyed by these method names).
     """
 
     def __init__(self, output_dir: str, tkd_threshold: float) -> None:
@@ -153,7 +175,10 @@ class CaseReport:
 
     def iteration(self, engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in outputs:
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        for index, output in enumerate(outputs):
+            batch = batches[index] if index < len(batches) and isinstance(batches[index], dict) else {}
+            item = {**batch, **output}  # postprocessing leaves new keys in the output, updated loaded ones in the batch
             if item.get("label") is not None:
                 self.report(item)
 
@@ -164,19 +189,22 @@ class CaseReport:
         voxel, b0 = voxel_size_from_affine(affine), b0_direction_from_affine(affine)
         chi_tkd = tkd(field, mask, voxel, tuple(b0), threshold=self.tkd_threshold)
         record = {"case": output_stem(item["image"])}
-        for method, chi in (("network", item["pred"].detach().cpu().float()[0]), ("tkd", chi_tkd)):
+        methods = {m: chi.detach().cpu().float()[0] for m, chi in network_results(item).items()}
+        methods["tkd"] = chi_tkd
+        for method, chi in methods.items():
             record[method] = {
                 "nrmse_percent": nrmse(chi, truth, mask),
                 "xsim": xsim(chi, truth, mask),
                 "hfen_percent": hfen(chi, truth, mask),
             }
         self.records.append(record)
-        net, ref = record["network"], record["tkd"]
-        logging.getLogger("CaseReport").info(
-            f"{record['case']}: network NRMSE {net['nrmse_percent']:.1f} %, XSIM {net['xsim']:.3f}, "
-            f"HFEN {net['hfen_percent']:.1f} % | TKD NRMSE {ref['nrmse_percent']:.1f} %, "
-            f"XSIM {ref['xsim']:.3f}, HFEN {ref['hfen_percent']:.1f} %"
-        )
+        parts = [
+            f"{'TKD' if m == 'tkd' else m} NRMSE {r['nrmse_percent']:.1f} %, XSIM {r['xsim']:.3f}, "
+            f"HFEN {r['hfen_percent']:.1f} %"
+            for m, r in record.items()
+            if m != "case"
+        ]
+        logging.getLogger("CaseReport").info(f"{record['case']}: " + " | ".join(parts))
 
     def completed(self, engine) -> None:
         if self.records:

@@ -19,7 +19,10 @@ from tqdm import tqdm
 
 from .data import simulate_case
 
-__all__ = ["SimulationSet", "write_dataset"]
+__all__ = ["SimulationSet", "write_dataset", "simulation_settings", "settings_differences", "SETTINGS_FILE"]
+
+#: Written beside ``datalist.json``: the settings the dataset was simulated with.
+SETTINGS_FILE = "simulation.json"
 
 
 class SimulationSet:
@@ -96,6 +99,72 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _describe_phantom(phantom) -> dict:
+    """The phantom's class and public attributes (JSON-able), so that two differently configured phantoms differ."""
+    attributes = (
+        {k: v for k, v in sorted(vars(phantom).items()) if not k.startswith("_")}
+        if hasattr(phantom, "__dict__")
+        else {}
+    )
+    return json.loads(json.dumps({"class": type(phantom).__name__, **attributes}, default=repr))
+
+
+def simulation_settings(
+    sets: Mapping[str, SimulationSet],
+    shape: Sequence[int] = (160, 192, 160),
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+    seed: int = 1000,
+) -> dict:
+    """What :func:`write_dataset` records in ``simulation.json``: everything that determines the simulated cases."""
+    settings = {
+        "shape": [int(n) for n in shape],
+        "voxel_size": [float(v) for v in voxel_size],
+        "b0_direction": [float(v) for v in b0_direction],
+        "seed": int(seed),
+        "sets": {
+            n: {
+                "phantom": _describe_phantom(s.phantom),
+                "num_cases": s.num_cases,
+                "snr": None if s.snr is None else float(s.snr),
+                "splits": s.splits,
+                "bfr": s.bfr,
+                "shape": None if s.shape is None else list(s.shape),
+                "voxel_size": None if s.voxel_size is None else list(s.voxel_size),
+            }
+            for n, s in sets.items()
+        },
+    }
+    return json.loads(json.dumps(settings))
+
+
+def settings_differences(folder: str, wanted: dict) -> list[str] | None:
+    """How the settings recorded in ``folder/simulation.json`` differ from ``wanted`` (``[]``: the same; ``None``:
+    nothing recorded)."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    old, new = flat(recorded), flat(wanted)
+    return [
+        f"{k}: {old.get(k, '(none)')!r} → {new.get(k, '(none)')!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+
+
 def write_dataset(
     output_dir: str,
     sets: Mapping[str, SimulationSet],
@@ -111,8 +180,15 @@ def write_dataset(
     share a seed. Returns the datalist path; the simulation settings are saved beside it (``simulation.json``).
     """
     listing = os.path.join(output_dir, "datalist.json")
+    wanted = simulation_settings(sets, shape, voxel_size, b0_direction, seed)
     if os.path.exists(listing) and not overwrite:
-        raise FileExistsError(f"{listing} exists; choose another output_dir or pass --overwrite true")
+        diff = settings_differences(output_dir, wanted)
+        how = (
+            "with no record of its settings"
+            if diff is None
+            else "with the same settings" if not diff else "with other settings (" + "; ".join(diff) + ")"
+        )
+        raise FileExistsError(f"{listing} exists, simulated {how}; choose another output_dir or pass --overwrite true")
     os.makedirs(output_dir, exist_ok=True)
     datalist: dict[str, list] = {"training": [], "validation": [], "testing": []}
     jobs = [(name, k, i) for k, (name, s) in enumerate(sets.items()) for i in range(s.num_cases)]
@@ -141,17 +217,8 @@ def write_dataset(
                 json.dump(case["lesions"], f, indent=1, default=float)
             item["lesion_records"] = f"{stem}_lesions.json"
         datalist[spec.split_of(i)].append(item)
-    settings = {
-        "shape": list(shape),
-        "voxel_size": list(voxel_size),
-        "b0_direction": list(b0_direction),
-        "seed": seed,
-        "sets": {
-            n: {"num_cases": s.num_cases, "snr": s.snr, "splits": s.splits, "bfr": s.bfr} for n, s in sets.items()
-        },
-    }
-    with open(os.path.join(output_dir, "simulation.json"), "w") as f:
-        json.dump(settings, f, indent=2)
+    with open(os.path.join(output_dir, SETTINGS_FILE), "w") as f:
+        json.dump(wanted, f, indent=2)
     with open(listing, "w") as f:
         json.dump(datalist, f, indent=2)
     return listing
