@@ -16,7 +16,7 @@ def test_simulating_writes_a_consistent_dataset(tmp_path):
     out = tmp_path / "sim"
     args = ["simulating", "--config_file", "configs/simulate.json", "--output_dir", str(out)]
     args += ["--shape", "[48,56,48]", "--voxel_size", "[2.5,2.5,2.5]", "--snr", "20"]
-    args += ["--num_healthy", "2", "--num_lesions", "1", "--num_random", "1"]
+    args += ["--num_healthy", "2", "--num_lesions", "1", "--num_random", "1", "--num_realistic", "0"]
     bundle_run(*args)
     listing = json.loads((out / "datalist.json").read_text())
     # healthy brains split 50/25/25 over 2 cases -> 1 training, 1 testing; the lesion set is testing only
@@ -92,12 +92,36 @@ def test_simulating_writes_a_consistent_dataset(tmp_path):
 
 def test_simulation_set_validates_arguments():
     with pytest.raises(ValueError, match="num_cases"):
-        SimulationSet(phantom=None, num_cases=-1)
+        SimulationSet(phantom=object(), num_cases=-1)
     with pytest.raises(ValueError, match="splits"):
-        SimulationSet(phantom=None, num_cases=2, splits=(1.0, 0.0))
-    assert [SimulationSet(None, 4, splits=(0.5, 0.25, 0.25)).split_of(i) for i in range(4)] == [
+        SimulationSet(phantom=object(), num_cases=2, splits=(1.0, 0.0))
+    assert [SimulationSet(object(), 4, splits=(0.5, 0.25, 0.25)).split_of(i) for i in range(4)] == [
         "training",
         "training",
         "validation",
         "testing",
     ]
+
+
+def test_realistic_set_is_a_background_removed_head(tmp_path):
+    """A ``bfr`` set: the field is the bundle's background removal of a whole head's total field, on its mask."""
+    from scripts.background import vsharp
+    from scripts.simulate import write_dataset
+
+    spec = SimulationSet(
+        bfr="vsharp", num_cases=1, snr=40.0, splits=(0, 0, 1), shape=(40, 48, 44), voxel_size=(4.8,) * 3
+    )
+    listing = json.loads(open(write_dataset(str(tmp_path), {"realistic": spec}, seed=5)).read())
+    item = listing["testing"][0]
+    load = {k: nib.load(tmp_path / item[k]) for k in ("image", "label", "mask", "total", "brain_mask")}
+    assert all(np.allclose(img.affine, load["image"].affine) for img in load.values())
+    np.testing.assert_allclose(load["image"].header.get_zooms(), (4.8, 4.8, 4.8))
+    total = torch.from_numpy(load["total"].get_fdata().astype(np.float32))
+    brain = torch.from_numpy(load["brain_mask"].get_fdata() > 0)
+    local, mask = vsharp(total, brain, (4.8, 4.8, 4.8), (0, 0, 1))
+    np.testing.assert_array_equal(load["mask"].get_fdata() > 0, mask.numpy())
+    np.testing.assert_allclose(load["image"].get_fdata(), local.numpy(), atol=1e-5)
+    chi = load["label"].get_fdata()
+    assert np.all(chi[~mask.numpy()] == 0) and chi.max() > 0.1  # the brain's true χ, on the removal's mask
+    with pytest.raises(ValueError, match="either a phantom"):
+        SimulationSet(num_cases=1)
