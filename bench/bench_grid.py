@@ -9,7 +9,8 @@
    onto the grid, trilinear back) and with trilinear both ways.
 3. **Wrap-around of the simulation's padding**: the local field of random-source cases simulated with 50 % zero
    padding per side (``simulate_case``, the training stream) against the same field with ``--reference_pad``,
-   relative L2 inside the mask (the whole case; and the stream's central 64³ patch of a 96³ region).
+   relative L2 inside the mask (the whole case; and the stream's central 64³ patch of a 96³ region, for two seeds
+   and for the sample ``tests/test_data.py`` checks).
 
 Usage (from the repository root; CPU, about a minute)::
 
@@ -125,6 +126,13 @@ def main() -> None:
         ref = demean_in_mask(forward_field(chi, pad=args.reference_pad)[inner], full)
         errors.append(100 * float((stream - ref).norm() / ref.norm()))
     print(f"   training stream, central 64^3 patch of a 96^3 region: {', '.join(f'{e:.2f}' for e in errors)}")
+    # the case of tests/test_data.py::test_field_patch_is_the_simulated_local_field (20 sources, sample 7 of seed 5)
+    gen = torch.Generator().manual_seed(5 * 1_000_003 + 7)
+    torch.multinomial(torch.ones(1, dtype=torch.float64), 1, generator=gen)
+    chi = RandomSourcePhantom(num_sources=(20, 20))((96, 96, 96), (1.0, 1.0, 1.0), generator=gen)
+    stream = demean_in_mask(forward_field(chi, pad=0.5)[inner], full)
+    ref = demean_in_mask(forward_field(chi, pad=args.reference_pad)[inner], full)
+    print(f"   the same for the patch of tests/test_data.py: {100 * float((stream - ref).norm() / ref.norm()):.2f}")
 
 
 if __name__ == "__main__":
