@@ -10,7 +10,7 @@ the mask, %) and HFEN. The residual ‖b − D⊛χ‖/‖b‖ and the refinemen
 Usage (from the repository root; a random network is not meaningful, so a trained checkpoint is required)::
 
     python bench/bench_data_consistency.py [--checkpoint bundle/models/model.pt] [--cases 3] [--shape 112 112 96]
-        [--phantom random|brain] [--solvers closed_form cg] [--iterations 10 30]
+        [--phantom random|brain] [--solvers closed_form cg] [--iterations 10 30] [--cg_pads 0.125 0.5]
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--phantom", choices=["random", "brain"], default="random")
     parser.add_argument("--solvers", nargs="+", choices=["closed_form", "cg"], default=["closed_form", "cg"])
     parser.add_argument("--iterations", type=int, nargs="+", default=[30], help="CG iterations to try")
+    parser.add_argument(
+        "--cg_pads", type=float, nargs="+", default=[0.125], help="zero padding per side of the CG solver's grid"
+    )
     parser.add_argument("--json", default=None, help="write the table here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -93,7 +96,11 @@ def main() -> None:
         if "closed_form" in args.solvers
     ]
     if "cg" in args.solvers:
-        variants += [(f"cg/{n}", dict(solver="cg", iterations=n)) for n in args.iterations]
+        variants += [
+            (f"cg/{n}" + ("" if p == 0.125 else f"/pad{p:g}"), dict(solver="cg", iterations=n, cg_pad=p))
+            for n in args.iterations
+            for p in args.cg_pads
+        ]
     rows = []
     for name, seed, voxel, b0, shape in cases:
         case = simulate_case(phantom, shape, voxel, b0, snr=args.snr, seed=first_seed + seed)

@@ -11,6 +11,7 @@ full-size generator is used.
 Usage (from the repository root)::
 
     python bench/bench_large_volume.py [--shape 384 384 256] [--voxel 0.5] [--tilt 0] [--dc_weight null]
+        [--dc_solver closed_form]
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--voxel", type=float, default=0.5, help="isotropic voxel size of the input (mm)")
     parser.add_argument("--tilt", type=float, default=0.0, help="tilt of the slab from B0 (degrees)")
     parser.add_argument("--dc_weight", default=None, help="data-consistency weight μ, or null (default: the config's)")
+    parser.add_argument("--dc_solver", default=None, choices=["cg", "closed_form"], help="default: the config's")
     parser.add_argument("--checkpoint", default=str(ROOT / "bundle/models/model.pt"))
     parser.add_argument("--sw_batch_size", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -85,6 +87,8 @@ def main() -> None:
     ]  # fmt: skip
     if args.dc_weight is not None:
         command += ["--dc_weight", str(args.dc_weight)]
+    if args.dc_solver is not None:
+        command += ["--dc_solver", args.dc_solver]
     start = time.perf_counter()
     run = subprocess.run(command, cwd=ROOT / "bundle", capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -98,8 +102,9 @@ def main() -> None:
             print("  " + line.strip()[:200])
     input_gib = np.prod(args.shape) * 4 / 2**30
     weight = args.dc_weight or "as in the config"
+    solver = args.dc_solver or "as in the config"
     print(
-        f"\n{tuple(args.shape)} voxels of {args.voxel} mm (tilt {args.tilt}°, dc_weight {weight}): "
+        f"\n{tuple(args.shape)} voxels of {args.voxel} mm (tilt {args.tilt}°, dc_weight {weight}, dc_solver {solver}): "
         f"wall {seconds:.0f} s, peak RSS {peak_gib:.2f} GiB ({peak_gib / input_gib:.1f}× the float32 input volume, "
         f"{input_gib:.2f} GiB); {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
     )

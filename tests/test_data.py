@@ -1,11 +1,12 @@
 """Synthetic data engine: shapes, the target is the centre of the simulated χ, physics of the field, determinism."""
 
+import dipole_reference as ref
+import numpy as np
 import pytest
 import torch
 
 from scripts.data import SimulatedVolumes, SyntheticPatchStream, simulate_case
 from scripts.phantoms import RandomSourcePhantom
-from scripts.physics import forward_field
 
 
 class CoordinatePhantom:
@@ -52,6 +53,9 @@ def test_target_is_centre_of_simulated_chi(flip):
 
 
 def test_field_patch_is_the_simulated_local_field():
+    """The stream's field patch against the numpy reference (tests/dipole_reference.py: its own kernel, explicit
+    padding): the 96³ region simulated on the stream's padded grid (50 % per side: 192³), cropped to the 64³ patch
+    and demeaned. The same region without padding is measurably different, so the test sees the padding too."""
     phantom = RandomSourcePhantom(num_sources=(20, 20))
     stream = SyntheticPatchStream(phantoms=[phantom], mask_prob=0.0, flip_prob=0.0, snr=(1e9, 1e9), seed=5)
     sample = stream.sample(7)
@@ -59,14 +63,13 @@ def test_field_patch_is_the_simulated_local_field():
     gen = torch.Generator().manual_seed(5 * 1_000_003 + 7)
     torch.multinomial(torch.ones(1, dtype=torch.float64), 1, generator=gen)
     chi = phantom((96, 96, 96), (1, 1, 1), generator=gen)
-    field = forward_field(chi, pad=1.0)[16:80, 16:80, 16:80]
-    field = field - field.mean()
     assert torch.allclose(sample["label"][0], chi[24:72, 24:72, 24:72])
-    error = (sample["image"][0] - field).norm() / field.norm()
-    assert error < 0.01  # the stream's 50 % padding against 100 %: wrap-around well below the noise floor
-    unpadded = forward_field(chi, pad=0)[16:80, 16:80, 16:80]
-    unpadded = unpadded - unpadded.mean()
-    assert (unpadded - field).norm() / field.norm() > 0.01  # ... while no padding at all would fail this test
+    got = sample["image"][0].double().numpy()
+    for grid, close in (((192, 192, 192), True), (None, False)):
+        field = ref.forward(chi.numpy(), grid=grid)[16:80, 16:80, 16:80]
+        field = field - field.mean()
+        error = np.linalg.norm(got - field) / np.linalg.norm(field)
+        assert (error < 1e-5) if close else (error > 0.01), (grid, error)
 
 
 def test_stream_is_deterministic_and_never_repeats():
@@ -92,8 +95,11 @@ def test_simulated_volume_physics_and_affine():
     case = simulate_case(RandomSourcePhantom(), (40, 36, 30), (1.0, 1.0, 2.0), snr=None, seed=1)
     mask = case["mask"].bool()
     assert torch.all(case["chi"][~mask] == 0) and torch.all(case["field"][~mask] == 0)
-    expected = forward_field(case["chi"], (1.0, 1.0, 2.0), mask=mask)
-    assert torch.allclose(case["field"], expected, atol=1e-6)
+    # the numpy reference on simulate_case's padded grid (50 % per side, fast FFT sizes: 80 × 72 × 60)
+    grid = ref.padded_shape((40, 36, 30), 0.5)
+    assert grid == (80, 72, 60)
+    expected = ref.local(ref.forward(case["chi"].numpy(), (1.0, 1.0, 2.0), (0.0, 0.0, 1.0), grid), mask.numpy())
+    np.testing.assert_allclose(case["field"].double().numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     assert torch.allclose(case["affine"].diagonal()[:3], torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
     volumes = SimulatedVolumes(num_cases=2, shape=(40, 36, 30), seed=3)
     assert len(volumes) == 2
@@ -156,6 +162,7 @@ def test_stream_with_estimate_channels_computes_them_over_the_region():
     """With a generator's ``prepare_input`` the estimate is TKD of the whole simulated region's field, cropped."""
     from scripts.baselines import tkd
     from scripts.networks import QSMGenerator
+    from scripts.physics import forward_field
 
     net = QSMGenerator(features=(4, 4, 8, 8, 8, 4), estimate="tkd")
     phantom = RandomSourcePhantom(num_sources=(20, 20))
@@ -177,3 +184,36 @@ def test_stream_with_estimate_channels_computes_them_over_the_region():
     noisy = SyntheticPatchStream(snr=(5.0, 5.0), prepare=net.prepare_input, **kwargs).sample(2)
     assert torch.equal(noisy["label"], sample["label"])
     assert (noisy["image"][0] - sample["image"][0]).std() > 0.1 * sample["image"][0].std()
+
+
+class SpherePhantom:
+    """A uniformly magnetised sphere (Δχ = 0.2 ppm, radius 5 mm) at the centre, partial volumes by supersampling."""
+
+    def __call__(self, shape, voxel_size, generator=None, device=None):
+        s = 4
+        offsets = (np.arange(s) + 0.5) / s - 0.5
+        axes = [((np.arange(n)[:, None] + offsets) * v - n * v / 2) ** 2 for n, v in zip(shape, voxel_size)]
+        r2 = axes[0][:, None, None, :, None, None] + axes[1][None, :, None, None, :, None]
+        r2 = r2 + axes[2][None, None, :, None, None, :]
+        return torch.from_numpy((r2 <= 25.0).mean(axis=(3, 4, 5)) * 0.2).float()
+
+
+@pytest.mark.parametrize("voxel, b0", [((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)), ((1.0, 1.0, 1.5), (0.0, 0.6, 0.8))])
+def test_simulated_sphere_has_the_analytic_field(voxel, b0):
+    """simulate_case against physics, not against forward_field: a sphere's field is 0 inside (Lorentz-corrected
+    kernel) and Δχ/3·(R/r)³·(3cos²θ − 1) outside, up to the constant that demeaning in the mask fixes."""
+    shape = (40, 40, 32)
+    case = simulate_case(SpherePhantom(), shape, voxel, b0, snr=None, mask=torch.ones(shape))
+    field = case["field"].double().numpy()
+    centre = [n * v / 2 for n, v in zip(shape, voxel)]
+    analytic = ref.sphere_field(shape, voxel, centre, 5.0, 0.2, b0)
+    grid = np.stack(np.meshgrid(*[np.arange(n) * v for n, v in zip(shape, voxel)], indexing="ij"), -1)
+    r = np.linalg.norm(grid - np.array(centre), axis=-1)
+    inside, shell = r < 3.0, (r > 7.5) & (r < 14.0)
+    offset = field[inside].mean()
+    assert field[inside].std() < 0.01 * 0.2 and np.abs(field[inside] - offset).max() < 0.025 * 0.2  # uniform
+    error = np.abs(field[shell] - offset - analytic[shell])
+    rms = np.sqrt(np.mean(error**2))
+    print(f"inside: std {field[inside].std():.2e} ppm; shell: max error {error.max():.2e}, RMS {rms:.2e} ppm")
+    assert error.max() < 0.04 * 0.2 and rms < 0.005 * 0.2, (error.max(), rms)
+    assert np.corrcoef(field[shell], analytic[shell])[0, 1] > 0.995

@@ -91,7 +91,14 @@ def test_anisotropic_and_tilted_cases_come_back_on_the_input_grid(tmp_path):
         assert residual.shape == shape and np.allclose(residual.affine, affine, atol=1e-5)
         report = json.loads((out / f"{name}_field_report.json").read_text())
         assert report["network_grid"]["resampled"] and report["network_grid"]["voxel_size_mm"] == [1.0, 1.0, 1.0]
-        assert 0 < report["physics_check"]["residual_ratio"] < 10
+        # the reported ratio is the one of the written residual against the input's local field (the input is
+        # noise, which no χ explains: the refinement lowers the ratio, it cannot reach 0)
+        check = report["physics_check"]
+        field = nib.load(tmp_path / f"{name}_field.nii.gz").get_fdata()
+        local = np.where(mask, field - field[mask].mean(), 0.0)
+        ratio = np.linalg.norm(residual.get_fdata()) / np.linalg.norm(local)
+        assert math.isclose(check["residual_ratio"], ratio, rel_tol=1e-3), (check, ratio)
+        assert 0.05 < check["residual_ratio"] < 0.9 * check["residual_ratio_network"], check
     assert json.loads((out / "tilt_field_report.json").read_text())["network_grid"]["rotated"]
     for path, data in before.items():
         assert path.read_bytes() == data  # inputs untouched

@@ -40,14 +40,56 @@ def test_stitching_equals_one_pass(sw_batch_size, skip_empty):
         assert torch.allclose(stitched, net(nn.functional.pad(field, (8,) * 6)).detach(), atol=1e-5)
 
 
-def test_misplaced_tile_would_fail():
-    """The equality above is sensitive: shifting the windows by one voxel breaks it."""
-    net = local_net()
-    field = torch.randn(1, 1, 50, 50, 50, generator=torch.Generator().manual_seed(1))
+class WhereFrom(nn.Module):
+    """A network whose output says where it came from. The input has 4 channels: a value and the absolute (1-based,
+    0 in the padding) x, y, z coordinates of each voxel. For each voxel of its central tile it outputs
+    0: the value at the same place; 1-3: the coordinates at the same place; 4: the value ``margin`` voxels before
+    it on every axis (the corner of its context: the window must be read with the right offset); 5-7: the
+    coordinates of the window's first output voxel (which window it was), the same for the whole tile."""
+
+    def __init__(self, margin):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, x):
+        m = self.margin
+        t = x.shape[-1] - 2 * m
+        centre = x[..., m : m + t, m : m + t, m : m + t]
+        corner = x[:, :1, :t, :t, :t]
+        window = x[:, 1:, m, m, m][..., None, None, None].expand(-1, -1, t, t, t)
+        return torch.cat([centre, corner, window], dim=1)
+
+
+@pytest.mark.parametrize("shape, sw_batch_size, skip_empty", [((37, 29, 20), 1, False), ((48, 33, 17), 3, True)])
+def test_every_output_voxel_comes_from_the_right_window_and_place(shape, sw_batch_size, skip_empty):
+    """Volumes that are not a multiple of the tile (border windows hang over the edge): each output voxel v must
+    hold the value at v, the value at v − margin (0 outside the volume), and the first voxel of the tile that
+    contains v, t·⌊v/t⌋, as the window it came from. An off-by-one in the tile placement, a wrong window start or
+    stride, windows read without their margin, or batch items mixed up all fail here."""
+    roi, margin = 24, 4
+    tile = roi - 2 * margin
+    gen = torch.Generator().manual_seed(0)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(1, n + 1, dtype=torch.float32) for n in shape], indexing="ij"))
+    batch = torch.stack([torch.cat([torch.rand(1, *shape, generator=gen) + 1, coords]) for _ in range(2)])
+    if skip_empty:  # one output tile with nothing in it at all: skipped, and 0 in the output
+        batch[1, :, :tile, :tile, :tile] = 0
     with torch.no_grad():
-        whole = net(nn.functional.pad(field, (8,) * 6))
-        shifted = CropSlidingWindowInferer(64, 8, skip_empty=False)(torch.roll(field, 1, dims=2), net)
-    assert not torch.allclose(shifted, whole, atol=1e-3)
+        out = CropSlidingWindowInferer(roi, margin, sw_batch_size=sw_batch_size, skip_empty=skip_empty)(
+            batch, WhereFrom(margin)
+        )
+    assert out.shape == (2, 8, *shape)
+    # independent expectations, voxel by voxel
+    index = coords.long() - 1  # 0-based voxel index per axis, (3, X, Y, Z)
+    first_of_tile = (index // tile) * tile + 1  # 1-based coordinate of the tile's first voxel
+    for b in range(2):
+        value = batch[b, 0]
+        behind = torch.zeros(shape)
+        behind[margin:, margin:, margin:] = value[:-margin, :-margin, :-margin]
+        expected = torch.cat([batch[b], behind[None], first_of_tile.float()])
+        if skip_empty and b == 1:
+            expected[:, :tile, :tile, :tile] = 0
+        wrong = (out[b] != expected).any(dim=0)
+        assert not wrong.any(), f"item {b}: {int(wrong.sum())} voxels wrong, first at {wrong.nonzero()[0].tolist()}"
 
 
 def test_output_keeps_meta_and_batches():
