@@ -20,15 +20,6 @@ from scripts.physics import demean_in_mask, forward_field
 N, VOX, B0 = 64, (2.0, 2.0, 2.0), (0.0, 0.0, 1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small FFTs run many times faster on one thread than on two oversubscribed cores (shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _nrmse(estimate, truth, mask):
     e, t = demean_in_mask(estimate, mask), demean_in_mask(truth, mask)
     return float(100 * (e - t)[mask].norm() / t[mask].norm())

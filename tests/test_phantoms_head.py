@@ -12,15 +12,6 @@ from scripts.physics import demean_in_mask
 SHAPE, VOX = (80, 96, 86), (2.4, 2.4, 2.4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """FFTs run much faster on one thread than on two oversubscribed cores (shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def case():
     return simulate_head_case(SHAPE, VOX, seed=3, snr=40.0, bfr="vsharp")
