@@ -99,6 +99,6 @@ def test_checks_dry_run_writes_one_results_file(tmp_path):
     demo = steps["demo"]["timing_s"]
     assert demo["cases"][0]["network_grid_shape"] == [48, 48, 48]
     assert 0 < demo["cases"][0]["network"] < demo["total"]
-    assert steps["demo"]["metrics"][0]["network"]["nrmse_percent"] > 0
+    assert steps["demo"]["metrics"][0]["network + refinement"]["nrmse_percent"] > 0
     assert steps["tests"]["status"].startswith("not run")
     assert pathlib.Path(out / "gpu_checks.log").stat().st_size > 0

@@ -138,3 +138,21 @@ def test_gpu_saved_checkpoint_loads_on_cpu_with_weights_only(tmp_path, monkeypat
     CheckpointLoader(load_path=str(evil), load_dict={"model": net}, map_location=torch.device("cpu")).attach(engine)
     with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
         engine.run([0], max_epochs=1)
+
+
+def test_the_log_gives_each_stage_its_time(tmp_path):
+    """Per case, the log says how long loading/resampling, the network and the postprocessing took, with the
+    refinement's share, and the shares add up to the total."""
+    import re
+
+    from conftest import infer, save_tiny_checkpoint, write_case
+
+    field, mask = write_case(tmp_path, "timed", shape=(40, 36, 30))
+    log = infer(
+        save_tiny_checkpoint(tmp_path / "model.pt"), tmp_path / "out", "--field", str(field), "--mask", str(mask)
+    )
+    line = next(line for line in log.splitlines() if "StageTimes" in line and "timed_field" in line)
+    numbers = [float(x) for x in re.findall(r"([\d.]+) s", line)]
+    assert len(numbers) == 5, line  # loading, network, postprocessing, refinement, total
+    load, network, post, refinement, total = numbers
+    assert refinement <= post and abs(load + network + post - total) <= 0.15, line

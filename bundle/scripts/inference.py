@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -152,6 +153,51 @@ class CropSlidingWindowInferer(Inferer):
     @staticmethod
     def _slices(start: Sequence[int], offset: int, size: int) -> tuple[slice, ...]:
         return tuple(slice(s + offset, s + offset + size) for s in start)
+
+
+class StageTimes:
+    """Log, per case, where the time goes: loading with checks, unit conversion and resampling; the network; and
+    everything after it (back to the input grid, the refinement and writing), with the refinement's share.
+
+    Ignite's ``GET_BATCH_STARTED``/``GET_BATCH_COMPLETED`` bracket the loading and preprocessing, MONAI's
+    ``FORWARD_COMPLETED`` ends the network, and ``ITERATION_COMPLETED`` (this handler runs before the report
+    handlers) ends the postprocessing; the refinement's own time comes from the case record of
+    :class:`scripts.refine.DataConsistencyd`. The input checks run before the engine starts and are timed apart.
+    """
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+        from monai.engines.utils import IterationEvents
+
+        for event, name in (
+            (Events.GET_BATCH_STARTED, "load"),
+            (Events.GET_BATCH_COMPLETED, "loaded"),
+            (IterationEvents.FORWARD_COMPLETED, "network"),
+        ):
+            engine.add_event_handler(event, self._mark, name)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration)
+
+    def _mark(self, engine, name: str) -> None:
+        self.marks[name] = time.perf_counter()
+
+    def iteration(self, engine) -> None:
+        now, m = time.perf_counter(), self.marks
+        if not {"load", "loaded", "network"} <= set(m):
+            return
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        for output, batch in zip(outputs, batches):
+            item = {**(batch if isinstance(batch, dict) else {}), **output}
+            refine = case_info(item).get("physics_check", {}).get("refinement_seconds")
+            share = f" (refinement {refine:.1f} s)" if refine is not None else ""
+            logging.getLogger("StageTimes").info(
+                f"{output_stem(item['image'])}: loading, checks of the data, units and resampling "
+                f"{m['loaded'] - m['load']:.1f} s | network {m['network'] - m['loaded']:.1f} s | back to the input "
+                f"grid, refinement and writing {now - m['network']:.1f} s{share} | total {now - m['load']:.1f} s"
+            )
 
 
 class CaseReport:

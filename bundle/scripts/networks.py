@@ -93,7 +93,8 @@ class QSMGenerator(nn.Module):
             truncated k-space division of the field over the whole region given to :meth:`prepare_input`.
         estimate_threshold: TKD threshold δ of the estimate.
         residual: predict χ as the estimate plus the backbone's output (needs ``estimate``).
-        voxel_size: voxel size (mm) of the grid the network runs on (used by the estimate).
+        voxel_size: voxel size (mm) of the grid the network runs on (used by the estimate; ``None``, the input's own
+            grid, only without one; ignored then).
         b0_direction: B0 direction on that grid, voxel coordinates (used by the estimate).
         autocast: run the backbone under bfloat16 autocast: ``True``, ``False`` or ``"auto"`` (where
             :func:`bf16_supported` says it is fast for the input's device: GPUs, CPUs with AMX/AVX512-BF16); the
@@ -118,7 +119,7 @@ class QSMGenerator(nn.Module):
         estimate: str | None = None,
         estimate_threshold: float = 0.19,
         residual: bool = False,
-        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        voxel_size: Sequence[float] | None = (1.0, 1.0, 1.0),
         b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
         autocast: bool | str = False,
         channels_last: bool = False,
@@ -138,7 +139,11 @@ class QSMGenerator(nn.Module):
         self.estimate = estimate
         self.estimate_threshold = float(estimate_threshold)
         self.residual = bool(residual)
-        self.voxel_size = tuple(float(v) for v in voxel_size)
+        self.voxel_size = None  # only the estimate needs the grid (a field-only network is scale free)
+        if estimate is not None:
+            if voxel_size is None or isinstance(voxel_size, str) or len(voxel_size) != 3:
+                raise ValueError(f"an estimate needs the voxel size (mm) of the network's grid, got {voxel_size!r}")
+            self.voxel_size = tuple(float(v) for v in voxel_size)
         self.b0_direction = tuple(float(v) for v in b0_direction)
         resolve_autocast(autocast, "cpu")  # validates
         self.autocast = autocast

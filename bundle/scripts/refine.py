@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -395,6 +396,7 @@ class DataConsistencyd(MapTransform):
                 op = DipoleOperator(chi.shape, voxel, b0, self.pad)
                 net_field = op.forward(chi * inside)
                 _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
+                start = time.perf_counter()
                 if self.model == "support":
                     chi = data_consistency(
                         chi,
@@ -413,6 +415,7 @@ class DataConsistencyd(MapTransform):
                 else:
                     chi, extra = self._robust(chi, b, inside, voxel, b0)
                     record.update(extra)
+                record["refinement_seconds"] = round(time.perf_counter() - start, 2)
                 del net_field
                 record["residual_ratio_network"] = before
                 out = pred.detach().cpu().clone() if isinstance(pred, torch.Tensor) else torch.as_tensor(pred)
