@@ -21,6 +21,8 @@ CONFIGS = "['configs/inference.json','configs/evaluate.json']"
 # a tiny simulated set: 40×48×40 voxels of 3.5 mm (a whole, coarse brain), the network run on a 2.5 mm grid (the
 # resampling and Invertd path of inference, with few windows)
 TINY_SET = ["--simulate_shape", "[40,48,40]", "--simulate_voxel_size", "[3.5,3.5,3.5]", "--voxel_size", "[2.5,2.5,2.5]"]
+# the realistic set: a whole head through background removal, on a coarse grid
+TINY_SET += ["--simulate#sets#realistic#shape", "[40,48,44]", "--simulate#sets#realistic#voxel_size", "[4.8,4.8,4.8]"]
 
 
 def plain_nrmse(pred, truth, mask):
@@ -50,7 +52,10 @@ def test_evaluate_writes_tables_and_figures(evaluation):
     methods = ["network alone", "network + refinement", *METHODS]
     listing = json.loads((out / "simulated" / "datalist.json").read_text())
     cases = [item["image"].replace(".nii.gz", "") for item in listing["testing"]]
-    assert [c.split("_")[0] for c in cases] == ["healthy", "lesions", "random"]
+    assert [c.split("_")[0] for c in cases] == ["healthy", "lesions", "random", "realistic"]
+    # every set also gets a table of its own: ideal and background-removed fields are not averaged together
+    summary_md = (out / "summary.md").read_text()
+    assert all(f"### set: {name}" in summary_md for name in ("healthy", "lesions", "random", "realistic"))
     with open(out / "per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["case"], r["method"]) for r in rows] == [(c, m) for c in cases for m in methods]
@@ -66,10 +71,10 @@ def test_evaluate_writes_tables_and_figures(evaluation):
     assert list(summary) == methods
     for method in methods:
         values = [float(by_case[(c, method)]["nrmse"]) for c in cases]
-        assert summary[method]["nrmse"]["n"] == 3
+        assert summary[method]["nrmse"]["n"] == 4
         assert summary[method]["nrmse"]["mean"] == pytest.approx(np.mean(values), rel=1e-12)
         assert summary[method]["nrmse"]["sd"] == pytest.approx(np.std(values), rel=1e-9, abs=1e-12)
-    table = (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text().split("\n\n### set")[0]  # the table of all cases, then one per set
     assert table.startswith("| method | nrmse | xsim | hfen |") and table.count("\n") == 2 + len(methods)
     assert all(f"| {m} |" in table for m in methods)
     assert "| method | nrmse" in log  # the table is also logged
@@ -263,7 +268,15 @@ def test_inference_with_a_label_reports_the_network_alone_and_refined(tmp_path):
     items = [{"image": fpath.name, "mask": mpath.name, "label": label.name}]
     (tmp_path / "cases.json").write_text(json.dumps({"testing": items}))
     out = tmp_path / "out"
-    log = infer(save_tiny_checkpoint(tmp_path / "m.pt"), out, "--datalist", str(tmp_path / "cases.json"))
+    # the support model: this noise "field" is no local field, and "auto" would (rightly) keep the network's map
+    log = infer(
+        save_tiny_checkpoint(tmp_path / "m.pt"),
+        out,
+        "--datalist",
+        str(tmp_path / "cases.json"),
+        "--dc_model",
+        "support",
+    )
     (record,) = json.loads((out / "metrics.json").read_text())
     assert list(record) == ["case", "network alone", "network + refinement", "tkd"]
     assert record["network + refinement"] != record["network alone"]  # two results, not one reported twice

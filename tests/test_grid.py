@@ -79,7 +79,15 @@ def test_anisotropic_and_tilted_cases_come_back_on_the_input_grid(tmp_path):
         items.append({"image": fpath.name, "mask": mpath.name})
     (tmp_path / "cases.json").write_text(json.dumps({"testing": items}))
     out = tmp_path / "out"
-    log = infer(save_tiny_checkpoint(tmp_path / "m.pt"), out, "--datalist", str(tmp_path / "cases.json"))
+    # the support data model (a noise input is no local field, so the default "auto" would take the harmonic one)
+    log = infer(
+        save_tiny_checkpoint(tmp_path / "m.pt"),
+        out,
+        "--datalist",
+        str(tmp_path / "cases.json"),
+        "--dc_model",
+        "support",
+    )
     assert "B0 15.0° from input axis 2" in log
     for name, (shape, affine) in cases.items():
         chi_img = nib.load(out / f"{name}_field_chi.nii.gz")

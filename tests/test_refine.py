@@ -364,3 +364,17 @@ def test_closed_form_refinement_matches_a_dense_solve(fill, shape, pad, b0, grid
     )
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 1e-4, err
+
+
+def test_auto_model_keeps_the_network_where_the_mask_is_too_thin_for_the_harmonic_model(remnant_case):
+    from scripts.refine import CG_PAD, EmptyDataTerm, auto_refinement, harmonic_tikhonov
+
+    case, inside, remnant, prior = remnant_case
+    kw = dict(iterations=10, margin_mm=4.0, outside_weight=1e-4, radius_mm=30.0, inconsistency=3.0, pad=CG_PAD)
+    chi, record = auto_refinement(prior, case["field"] + remnant, inside, 3e-4, (1, 1, 1), (0, 0, 1), **kw)
+    assert record["data_inconsistent"] and record["dc_model_used"].startswith("none"), record
+    torch.testing.assert_close(chi, prior * inside)
+    with pytest.raises(EmptyDataTerm, match="30.0 mm from its border"):
+        harmonic_tikhonov(
+            case["field"], inside, 3e-4, (1, 1, 1), (0, 0, 1), prior=prior, iterations=5, radius_mm=30.0, pad=0
+        )

@@ -19,6 +19,8 @@ import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
 
+from .baselines import tkd
+
 __all__ = [
     "CenterCrop3d",
     "QSMGenerator",
@@ -167,8 +169,6 @@ class QSMGenerator(nn.Module):
             raise ValueError(f"expected a (B, 1, X, Y, Z) field, got shape {list(field.shape)}")
         if self.estimate is None:
             return field
-        from .baselines import tkd
-
         raw = field.as_tensor() if hasattr(field, "as_tensor") else field
         chis = []
         for b in raw[:, 0]:

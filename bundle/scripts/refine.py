@@ -29,6 +29,7 @@ from .physics import DipoleOperator, b0_direction_from_affine, demean_in_mask, m
 __all__ = [
     "DC_SOLVERS",
     "DC_MODELS",
+    "EmptyDataTerm",
     "dipole_residual",
     "data_consistency",
     "margin_tikhonov",
@@ -159,6 +160,10 @@ def data_consistency(
     return op.crop(op.ifft(spectrum)).mul(inside)
 
 
+class EmptyDataTerm(ValueError):
+    """The harmonic model has no voxel to fit: the mask is nowhere thicker than its sphere."""
+
+
 #: Data models of the refinement (``dc_model`` in ``inference.json``).
 DC_MODELS = ("support", "harmonic", "auto")
 
@@ -247,7 +252,7 @@ def harmonic_tikhonov(
     kernel = frame.D * high_pass
     trusted = frame.pad(erode_mask(frame.crop(frame.m), frame.voxel, radius_mm)).float()
     if not bool(trusted.any()):
-        raise ValueError(f"no voxel of the mask is {radius_mm} mm from its border: the harmonic data term is empty")
+        raise EmptyDataTerm(f"no voxel of the mask is {radius_mm} mm from its border: the harmonic data term is empty")
 
     def filtered(x: torch.Tensor) -> torch.Tensor:
         return frame.ifft(frame.fft(x).mul_(kernel))
@@ -315,17 +320,20 @@ def auto_refinement(
     }
     if not record["data_inconsistent"]:
         return chi_in.to(chi_net.device), {**record, "dc_model_used": "support"}
-    chi = harmonic_tikhonov(
-        field,
-        mask,
-        weight,
-        voxel_size,
-        b0_direction,
-        prior=chi_net,
-        iterations=iterations,
-        radius_mm=radius_mm,
-        pad=pad,
-    )
+    try:
+        chi = harmonic_tikhonov(
+            field,
+            mask,
+            weight,
+            voxel_size,
+            b0_direction,
+            prior=chi_net,
+            iterations=iterations,
+            radius_mm=radius_mm,
+            pad=pad,
+        )
+    except EmptyDataTerm:  # no voxel deep enough inside the mask: the network's χ is the safe answer
+        return chi_net * (mask > 0), {**record, "dc_model_used": "none (mask thinner than the harmonic sphere)"}
     return chi.to(chi_net.device), {**record, "dc_model_used": "harmonic"}
 
 
