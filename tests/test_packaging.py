@@ -137,3 +137,55 @@ def test_pinned_versions_are_the_ones_installed():
     pins.update(requirement_pins(ROOT / "requirements-test.txt"))
     wrong = {name: (pin, version(name)) for name, pin in pins.items() if version(name).split("+")[0] != pin}
     assert not wrong, f"pinned vs installed: {wrong}"
+
+
+def _requirement_closure() -> set[str]:
+    """Distributions that the requirements files bring in, with their dependencies (normalised names)."""
+    from importlib import metadata
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    names = []
+    for path in ROOT.glob("requirements*.txt"):
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                names.append(norm(re.split(r"[\s\[<>=!~;@]", line, maxsplit=1)[0]))
+    seen, todo = set(), names
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [norm(re.split(r"[\s\[<>=!~;(]", r, maxsplit=1)[0]) for r in requires if "extra ==" not in r]
+    return seen
+
+
+def test_every_import_resolves_from_the_requirements_files():
+    """A fresh environment built from requirements*.txt has every third-party module the code and tests import, so
+    packages installed by hand cannot hide a missing requirement (what .ci/run's fresh virtual environment checks)."""
+    import ast
+    from importlib import metadata
+
+    allowed = _requirement_closure()
+    local = {p.stem for p in ROOT.rglob("*.py")} | {p.name for p in ROOT.rglob("*") if p.is_dir()}
+    distributions = metadata.packages_distributions()
+    missing = {}
+    for path in [*ROOT.glob("bundle/**/*.py"), *ROOT.glob("bench/**/*.py"), *ROOT.glob("tests/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            for module in modules:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top in local or top == "__future__":
+                    continue
+                dists = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(top, [])}
+                if not dists & allowed:
+                    missing[top] = str(path.relative_to(ROOT))
+    assert not missing, f"imported but in no requirements file (module: first file): {missing}"

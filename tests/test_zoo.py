@@ -57,7 +57,11 @@ def test_run_ids_of_the_readme_exist(run_id):
 
 @pytest.mark.parametrize(
     "run_id, config, needed",
-    [("evaluating", "evaluate.json", "inference.json"), ("training", "train_gan.json", "train.json")],
+    [
+        ("evaluating", "evaluate.json", "inference.json"),
+        ("training", "train_gan.json", "train.json"),
+        ("training", "multi_gpu_train.json", "train.json"),
+    ],
 )
 def test_a_config_alone_names_the_config_it_extends(run_id, config, needed):
     import subprocess
