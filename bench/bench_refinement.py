@@ -47,7 +47,7 @@ def main() -> None:
     net = config.get_parsed_content("network_def").eval()
     net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True))
     dc = {k: config[k] for k in ("dc_weight", "dc_iterations", "dc_margin_mm", "dc_outside_weight")}
-    dc.update({k: config[k] for k in ("dc_smv_radius_mm", "dc_inconsistency")})
+    dc.update({k: config[k] for k in ("dc_smv_radius_mm", "dc_inconsistency", "dc_test_iterations")})
     print(f"refinement settings (inference.json): {json.dumps(dc)}; background removal {args.bfr}; SNR {args.snr:g}")
     rows = []
     for seed in args.seeds:
@@ -93,6 +93,7 @@ def main() -> None:
                 voxel,
                 b0,
                 iterations=dc["dc_iterations"],
+                test_iterations=dc["dc_test_iterations"],
                 margin_mm=dc["dc_margin_mm"],
                 outside_weight=dc["dc_outside_weight"],
                 radius_mm=dc["dc_smv_radius_mm"],

@@ -87,7 +87,21 @@ def test_masked_cg_refinement():
     with pytest.raises(ValueError, match="needs iterations"):
         data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg")
     with pytest.raises(InputError, match="dc_solver"):
-        DataConsistencyd(weight=0.01, solver="admm", iterations=1)
+        DataConsistencyd(weight=0.01, solver="admm", iterations=1, **dc_models(inference_config()))
+
+
+def inference_config() -> dict:
+    import json
+
+    from conftest import BUNDLE
+
+    return json.loads((BUNDLE / "configs" / "inference.json").read_text())
+
+
+def dc_models(config: dict) -> dict:
+    """DataConsistencyd's data-model settings as inference.json gives them (they have no defaults of their own)."""
+    keys = ("model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations")
+    return {k: config[f"dc_{k}"] for k in keys}
 
 
 def test_the_refinement_has_no_defaults_of_its_own():
@@ -104,6 +118,8 @@ def test_the_refinement_has_no_defaults_of_its_own():
         for name in ("weight", "solver"):
             assert params[name].default is inspect.Parameter.empty, (fn, name)
     assert inspect.signature(DataConsistencyd.__init__).parameters["iterations"].default is inspect.Parameter.empty
+    for name in dc_models(config):
+        assert inspect.signature(DataConsistencyd.__init__).parameters[name].default is inspect.Parameter.empty, name
     assert inspect.signature(data_consistency).parameters["iterations"].default is None  # needed by "cg" only
 
 
@@ -151,7 +167,8 @@ def test_auto_model_keeps_the_support_model_for_a_local_field_and_flags_a_remnan
     from scripts.refine import CG_PAD, auto_refinement
 
     case, inside, remnant, prior = remnant_case
-    kw = dict(iterations=30, margin_mm=4.0, outside_weight=1e-4, radius_mm=4.0, inconsistency=3.0, pad=CG_PAD)
+    kw = dict(iterations=30, test_iterations=20, margin_mm=4.0, outside_weight=1e-4, radius_mm=4.0, inconsistency=3.0)
+    kw["pad"] = CG_PAD
     chi, record = auto_refinement(prior, case["field"], inside, 3e-4, (1, 1, 1), (0, 0, 1), **kw)
     assert record["dc_model_used"] == "support" and not record["data_inconsistent"], record
     support = masked_tikhonov(case["field"], inside, lam=3e-4, iterations=30, prior=prior, pad=CG_PAD)
@@ -212,7 +229,11 @@ def test_refinement_brings_a_perturbed_prior_to_the_noise_level_and_closer_to_th
     noise = residual(chi)
     assert 0.9 / 40 < noise < 1.1 / 40, noise  # the simulation's SNR, seen by the reference
     transform = DataConsistencyd(
-        weight=config["dc_weight"], solver=config["dc_solver"], iterations=config["dc_iterations"], mask_key="mask"
+        weight=config["dc_weight"],
+        solver=config["dc_solver"],
+        iterations=config["dc_iterations"],
+        mask_key="mask",
+        **dc_models(config),
     )
     out = transform(
         {
@@ -370,7 +391,8 @@ def test_auto_model_keeps_the_network_where_the_mask_is_too_thin_for_the_harmoni
     from scripts.refine import CG_PAD, EmptyDataTerm, auto_refinement, harmonic_tikhonov
 
     case, inside, remnant, prior = remnant_case
-    kw = dict(iterations=10, margin_mm=4.0, outside_weight=1e-4, radius_mm=30.0, inconsistency=3.0, pad=CG_PAD)
+    kw = dict(iterations=10, test_iterations=10, margin_mm=4.0, outside_weight=1e-4, radius_mm=30.0, inconsistency=3.0)
+    kw["pad"] = CG_PAD
     chi, record = auto_refinement(prior, case["field"] + remnant, inside, 3e-4, (1, 1, 1), (0, 0, 1), **kw)
     assert record["data_inconsistent"] and record["dc_model_used"].startswith("none"), record
     torch.testing.assert_close(chi, prior * inside)

@@ -275,6 +275,7 @@ def auto_refinement(
     b0_direction: Sequence[float],
     *,
     iterations: int,
+    test_iterations: int,
     margin_mm: float,
     outside_weight: float,
     radius_mm: float,
@@ -286,7 +287,8 @@ def auto_refinement(
     harmonic model where they are not.
 
     Test: the support-constrained fit (:func:`scripts.baselines.masked_tikhonov` from χ_net) and the same fit with
-    sources also allowed in a ``margin_mm`` shell outside the mask (:func:`margin_tikhonov`) leave residual ratios
+    sources also allowed in a ``margin_mm`` shell outside the mask (:func:`margin_tikhonov`, ``test_iterations`` CG
+    steps: the test needs the residual's size, not a converged χ) leave residual ratios
     ρ_in and ρ_shell. If ρ_in/ρ_shell > ``inconsistency``, sources outside the mask explain a part of the data that
     sources inside cannot: background remnants or the field of tissue outside an eroded mask. The support model
     would explain it with χ inside the mask (the error the refinement must never make), so the harmonic model
@@ -305,7 +307,7 @@ def auto_refinement(
         voxel_size,
         b0_direction,
         prior=chi_net,
-        iterations=iterations,
+        iterations=test_iterations,
         margin_mm=margin_mm,
         outside_weight=outside_weight,
         pad=pad,
@@ -360,11 +362,12 @@ class DataConsistencyd(MapTransform):
         residual_key: str = "residual",
         pad: float = 0.5,
         fill: str = "network",
-        model: str = "support",
-        margin_mm: float = 6.0,
-        outside_weight: float = 1e-4,
-        smv_radius_mm: float = 6.0,
-        inconsistency: float = 3.0,
+        model: str,
+        margin_mm: float,
+        outside_weight: float,
+        smv_radius_mm: float,
+        inconsistency: float,
+        test_iterations: int,
     ) -> None:
         super().__init__(keys)
         if solver not in DC_SOLVERS:
@@ -377,6 +380,9 @@ class DataConsistencyd(MapTransform):
             raise InputError("dc_margin_mm, dc_smv_radius_mm, dc_outside_weight and dc_inconsistency must be > 0")
         self.model, self.margin_mm, self.outside_weight = model, float(margin_mm), float(outside_weight)
         self.smv_radius_mm, self.inconsistency = float(smv_radius_mm), float(inconsistency)
+        if int(test_iterations) < 1:
+            raise InputError(f"dc_test_iterations must be >= 1, got {test_iterations!r}")
+        self.test_iterations = int(test_iterations)
         if int(iterations) < 1:
             raise InputError(f"dc_iterations must be >= 1, got {iterations!r}")
         self.solver, self.iterations = solver, int(iterations)
@@ -480,6 +486,7 @@ class DataConsistencyd(MapTransform):
             voxel,
             b0,
             iterations=self.iterations,
+            test_iterations=self.test_iterations,
             margin_mm=self.margin_mm,
             outside_weight=self.outside_weight,
             radius_mm=self.smv_radius_mm,
