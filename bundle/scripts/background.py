@@ -51,7 +51,16 @@ from .physics import (
     voxel_size_from_affine,
 )
 
-__all__ = ["vsharp", "pdf", "erode_mask", "default_radii", "METHODS", "FIELD_KINDS", "BackgroundRemovald"]
+__all__ = [
+    "vsharp",
+    "pdf",
+    "erode_mask",
+    "dilate_mask",
+    "default_radii",
+    "METHODS",
+    "FIELD_KINDS",
+    "BackgroundRemovald",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +99,15 @@ def erode_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float
     m = np.pad(mask.detach().cpu().numpy().astype(bool), 1)  # outside the grid counts as outside the mask
     dist = ndimage.distance_transform_edt(m, sampling=_voxel(voxel_size))[1:-1, 1:-1, 1:-1]
     return torch.from_numpy(dist > radius_mm + 1e-6).to(mask.device)
+
+
+def dilate_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float) -> torch.Tensor:
+    """Grow a boolean (X, Y, Z) mask by a sphere of ``radius_mm``: every voxel whose distance (mm) to the mask is at
+    most the radius (one Euclidean distance transform, as :func:`erode_mask`)."""
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(~mask.detach().cpu().numpy().astype(bool), sampling=_voxel(voxel_size))
+    return torch.from_numpy(dist <= radius_mm + 1e-6).to(mask.device)
 
 
 def default_radii(voxel_size: Sequence[float], largest_mm: float = 12.0) -> tuple[float, ...]:

@@ -21,6 +21,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from .background import dilate_mask, erode_mask
 from .baselines.common import Frame, cg
 from .baselines.iterative import masked_tikhonov
 from .checks import INFO_KEY, InputError, as_float, as_triplet, case_info, output_stem
@@ -168,14 +169,6 @@ class EmptyDataTerm(ValueError):
 DC_MODELS = ("support", "harmonic", "auto")
 
 
-def _dilate(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float) -> torch.Tensor:
-    """Boolean mask grown by ``radius_mm`` (one Euclidean distance transform)."""
-    from scipy import ndimage
-
-    dist = ndimage.distance_transform_edt(~mask.detach().cpu().numpy().astype(bool), sampling=voxel_size)
-    return torch.from_numpy(dist <= radius_mm + 1e-6).to(mask.device)
-
-
 def margin_tikhonov(
     field: torch.Tensor,
     mask: torch.Tensor,
@@ -202,7 +195,7 @@ def margin_tikhonov(
     """
     frame = Frame(field, mask, voxel_size, b0_direction, pad)
     m = frame.m.float()
-    shell_support = _dilate(frame.m, frame.voxel, margin_mm).float()
+    shell_support = dilate_mask(frame.m, frame.voxel, margin_mm).float()
     reg = torch.where(frame.m, torch.tensor(float(weight)), torch.tensor(float(outside_weight))) * shell_support
 
     def residual_field(x: torch.Tensor) -> torch.Tensor:  # P(D⊛(S x))
@@ -244,8 +237,6 @@ def harmonic_tikhonov(
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
     """
-    from .background import erode_mask
-
     frame = Frame(field, mask, voxel_size, b0_direction, pad)
     m = frame.m.float()
     high_pass = 1.0 - frame.smv_symbol(radius_mm)
