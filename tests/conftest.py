@@ -15,7 +15,7 @@ sys.path.insert(0, str(BUNDLE))
 TINY_NET = ["--features", "[4,4,8,8,8,4]"]
 #: Overrides that make a training tiny for smoke runs (``brain_pool_size`` exists in the training configs only:
 #: an override that no config defines is refused, see ``scripts.engines.check_overrides``).
-TINY = [*TINY_NET, "--brain_pool_size", "1"]
+TINY = [*TINY_NET, "--brain_pool_size", "1", "--phantom_weights", "[0.5, 0.5, 0.0]"]
 
 
 def bundle_run(*args, timeout=600, expect_ok=True):

@@ -217,3 +217,104 @@ def test_simulated_sphere_has_the_analytic_field(voxel, b0):
     print(f"inside: std {field[inside].std():.2e} ppm; shell: max error {error.max():.2e}, RMS {rms:.2e} ppm")
     assert error.max() < 0.04 * 0.2 and rms < 0.005 * 0.2, (error.max(), rms)
     assert np.corrcoef(field[shell], analytic[shell])[0, 1] > 0.995
+
+
+class GivenFieldPhantom:
+    """A phantom that brings its own (already noisy) field: known χ, field and mask on the region, no randomness."""
+
+    def __call__(self, shape, voxel_size, generator=None, device=None):
+        x, y, z = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+        mask = (x - 20).square() + (y - 24).square() + (z - 22).square() <= 18**2
+        field = torch.sin(0.3 * x) * torch.cos(0.2 * y) + 0.01 * z + 0.5  # an offset, to see the demeaning
+        return {"chi": 0.1 + 0.001 * (x * 1e4 + y * 1e2 + z), "field": field * mask, "mask": mask}
+
+
+def test_given_field_is_used_as_it_is(monkeypatch):
+    """A phantom's own field: no forward model, no noise (even at SNR 1), no random mask border; the patch is that
+    field demeaned in the mask; the target is χ inside the mask, zero outside; flips apply to both."""
+    import scripts.data
+    from scripts.physics import demean_in_mask
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a given field must not be forward-simulated")
+
+    monkeypatch.setattr(scripts.data, "forward_field", no_forward)
+    kwargs = dict(phantoms=[GivenFieldPhantom()], patch_size=32, margin=6, context=8, snr=(1.0, 1.0), mask_prob=1.0)
+    region = GivenFieldPhantom()((48, 48, 48), (1, 1, 1))
+    inner = (slice(8, 40),) * 3
+    mask = region["mask"][inner]
+    field = demean_in_mask(region["field"][inner], mask)
+    target = (region["chi"] * region["mask"])[inner][6:26, 6:26, 6:26]
+    for flip in (0.0, 1.0):
+        s = SyntheticPatchStream(flip_prob=flip, **kwargs).sample(3)
+        f, t = (field.flip(0, 1, 2), target.flip(0, 1, 2)) if flip else (field, target)
+        torch.testing.assert_close(s["image"][0], f, atol=1e-6, rtol=0)
+        assert torch.equal(s["label"][0], t)
+    assert abs(float(field[mask].mean())) < 1e-6 and bool((s["label"][0] != 0).any())
+    # whole-region channels: prepare gets the region's field as given (masked), no noise
+    seen = []
+
+    def prepare(x):
+        seen.append(x.clone())
+        return torch.cat([x, 2 * x], dim=1)
+
+    s = SyntheticPatchStream(flip_prob=0.0, prepare=prepare, **kwargs).sample(3)
+    assert torch.equal(seen[0][0, 0], region["field"] * region["mask"])
+    assert torch.equal(s["image"][0], region["field"][inner]) and torch.equal(s["image"][1], 2 * region["field"][inner])
+    assert torch.equal(s["label"][0], target)
+
+
+def test_stream_of_realistic_heads_and_weight_zero(monkeypatch):
+    """The realistic source through the stream (4.8 mm grid for speed): the patch is the source's field crop demeaned
+    in its mask, the target the brain's χ inside the mask; sample i depends only on (seed, i); weight 0 never builds
+    a head, nor does a B0 direction other than the source's pass."""
+    from scripts.phantoms import RealisticHeadPatchPhantom
+    from scripts.physics import demean_in_mask
+
+    vox = (4.8, 4.8, 4.8)
+    kwargs = dict(patch_size=16, margin=2, context=4, voxel_size=vox, flip_prob=0.0, seed=2)
+    source = RealisticHeadPatchPhantom(pool_size=2, seed=1)
+    stream = SyntheticPatchStream(phantoms=[source], **kwargs)
+    s = stream.sample(5)
+    gen = torch.Generator().manual_seed(2 * 1_000_003 + 5)
+    torch.multinomial(torch.ones(1, dtype=torch.float64), 1, generator=gen)
+    out = source((24, 24, 24), vox, generator=gen)
+    inner = (slice(4, 20),) * 3
+    assert torch.equal(s["image"][0], demean_in_mask(out["field"][inner], out["mask"][inner]))
+    assert torch.equal(s["label"][0], (out["chi"] * out["mask"])[inner][2:14, 2:14, 2:14])
+    assert bool(out["mask"][12, 12, 12]) and float(s["image"].std()) > 0  # the crop is centred in the mask
+    fresh = SyntheticPatchStream(phantoms=[RealisticHeadPatchPhantom(pool_size=2, seed=1)], **kwargs)
+    assert all(torch.equal(fresh.sample(5)[k], s[k]) for k in s)
+    # weight 0: the source is never called, its pool never built
+    import scripts.phantoms.head as head
+
+    def no_head(*args, **kwargs):
+        raise AssertionError("a head was simulated")
+
+    monkeypatch.setattr(head, "simulate_head_case", no_head)
+    idle = RealisticHeadPatchPhantom(pool_size=2, seed=1)
+    mixed = SyntheticPatchStream(phantoms=[RandomSourcePhantom(), idle], weights=[1.0, 0.0], **kwargs)
+    for i in range(6):
+        mixed.sample(i)
+    assert idle.records == {} and len(idle._cache) == 0
+    with pytest.raises(ValueError, match="B0"):
+        SyntheticPatchStream(phantoms=[RealisticHeadPatchPhantom(b0_direction=(0, 1, 0))])
+
+
+def test_training_config_has_the_realistic_source_and_weight_zero_builds_nothing():
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE
+    from scripts.phantoms import RealisticHeadPatchPhantom
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    assert parser["phantom_weights"] == [0.4, 0.4, 0.2]
+    parser.update({"phantom_weights": [1.0, 0.0, 0.0], "device": "$torch.device('cpu')"})
+    parser.update({"features": [4, 4, 8, 8, 8, 4]})
+    stream = parser.get_parsed_content("train#synthetic")
+    source = stream.phantoms[2]
+    assert isinstance(source, RealisticHeadPatchPhantom) and source.pool_size == parser["head_pool_size"]
+    assert source.b0_direction == stream.b0_direction and source.seed != stream.phantoms[1].seed
+    stream.sample(0)
+    assert source.records == {}

@@ -112,3 +112,66 @@ def test_bad_inputs():
         HeadPhantom(skull_mm=(8.0, 5.0))
     with pytest.raises(ValueError, match="chi_ranges"):
         HeadPhantom(chi_ranges={"marrow": (0, 1)})
+
+
+# ------------------------------------------------------------------- realistic training source (whole heads after BFR)
+# a 4.8 mm grid keeps a head to about a second; the training grid is 1 mm (the phantom's default head grid)
+COARSE = (4.8, 4.8, 4.8)
+
+
+@pytest.mark.parametrize("method", ["pdf", "vsharp"])
+def test_realistic_head_is_the_bundle_bfr_of_the_total_field(method):
+    from scripts.background import METHODS
+    from scripts.phantoms import RealisticHeadPatchPhantom
+
+    phantom = RealisticHeadPatchPhantom(pool_size=3, seed=7, bfr=(method,), snr=(20.0, 20.0))
+    head = phantom.head(1, COARSE)
+    info = head["info"]
+    assert info["bfr"] == method and info["snr"] == pytest.approx(20.0) and info["grid"] == (40, 49, 44)
+    assert info["build_seconds"] > 0 and list(phantom.records) == [(8, COARSE)]
+    # independently: the same simulated head (noisy total field), then the bundle's BFR on it
+    case = simulate_head_case((40, 49, 44), COARSE, seed=info["case_seed"], snr=20.0, bfr=None)
+    field, mask = METHODS[method](case["total_field"], case["brain_mask"], COARSE, (0.0, 0.0, 1.0))
+    lo = head["offset"]
+    box = tuple(slice(a, a + n) for a, n in zip(lo, head["mask"].shape))
+    assert torch.equal(head["mask"], mask[box]) and int(mask.sum()) == int(head["mask"].sum())  # nothing cut off
+    torch.testing.assert_close(head["field"], field[box], atol=1e-6 * float(field.abs().max()), rtol=0)
+    assert torch.equal(head["chi"], case["chi_brain"][box])
+    brain = case["brain_mask"][box]
+    assert bool((head["chi"][~brain] == 0).all()) and float(head["chi"][brain].abs().max()) > 0.05
+    # a local field: zero outside the BFR mask, demeaned inside it (over the whole head)
+    assert bool((head["field"][~head["mask"]] == 0).all())
+    assert abs(float(head["field"][head["mask"]].mean())) < 1e-6
+    if method == "vsharp":  # V-SHARP erodes the brain mask; PDF keeps it
+        assert int(head["mask"].sum()) < int(brain.sum()) and not bool((head["mask"] & ~brain).any())
+    else:
+        assert torch.equal(head["mask"], brain)
+
+
+def test_realistic_crops_are_reproducible_and_lazy():
+    from scripts.phantoms import RealisticHeadPatchPhantom
+
+    phantom = RealisticHeadPatchPhantom(pool_size=4, seed=3)
+    assert phantom.records == {}  # nothing is built before a call
+    out = phantom((24, 24, 24), COARSE, generator=torch.Generator().manual_seed(11))
+    assert set(out) == {"chi", "field", "mask"} and out["mask"].dtype == torch.bool
+    assert len(phantom.records) == 1  # only the drawn head
+    # the crop is the drawn head's box around the drawn centre (zero beyond the box)
+    gen = torch.Generator().manual_seed(11)
+    head = phantom.head(int(torch.randint(4, (), generator=gen)), COARSE)
+    flat = int(head["centres"][int(torch.randint(len(head["centres"]), (), generator=gen))])
+    centre = torch.tensor([int(i) for i in torch.unravel_index(torch.tensor(flat), head["mask"].shape)])
+    padded = torch.nn.functional.pad(head["field"], (12, 12) * 3)
+    expected = padded[tuple(slice(int(c), int(c) + 24) for c in centre)]
+    assert torch.equal(out["field"], expected) and bool(out["mask"][12, 12, 12])  # centred on a mask voxel
+    assert bool((out["field"][~out["mask"]] == 0).all()) and float(out["mask"].float().mean()) > 0.5
+    # same generator state → same crop, also from a fresh pool; another state → another crop
+    fresh = RealisticHeadPatchPhantom(pool_size=4, seed=3)
+    again = fresh((24, 24, 24), COARSE, generator=torch.Generator().manual_seed(11))
+    assert all(torch.equal(out[k], again[k]) for k in out)
+    other = phantom((24, 24, 24), COARSE, generator=torch.Generator().manual_seed(12))
+    assert not torch.equal(other["field"], out["field"])
+    with pytest.raises(ValueError, match="bfr"):
+        RealisticHeadPatchPhantom(bfr=("sharp_magic",))
+    with pytest.raises(ValueError, match="pool_size"):
+        RealisticHeadPatchPhantom(pool_size=0)

@@ -25,7 +25,8 @@ PRETRAINED="${PRETRAINED-models/model.pt}" # warm start (relative to bundle/); P
 SEED="${SEED:-3}"                         # stream seed (0 and 2 were used by the shipped phases)
 FEATURES="${FEATURES:-}"                  # e.g. "[4,4,8,8,8,4]"; empty: the config's [16,32,64,128,256,16]
 BRAIN_POOL="${BRAIN_POOL:-32}"            # whole brains in the training pool (built on the CPU, ~1 s each)
-PHANTOM_WEIGHTS="${PHANTOM_WEIGHTS:-[0.5, 0.5]}" # random sources vs brain crops
+PHANTOM_WEIGHTS="${PHANTOM_WEIGHTS:-[0.4, 0.4, 0.2]}" # random sources, brain crops, realistic heads
+HEAD_POOL="${HEAD_POOL:-2}"              # background-removed whole heads in the pool (~60 s each on 1 CPU core)
 VAL_CASES="${VAL_CASES:-2}"               # whole validation brains per validation
 VAL_SHAPE="${VAL_SHAPE:-}"                # empty: the config's [160,192,160]
 SW_BATCH="${SW_BATCH:-16}"                # sliding-window batch in validation
@@ -41,7 +42,7 @@ LOG="$OUT_DIR/train_stage1.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
 echo "train_stage1: $(date -u +%FT%TZ) on $(hostname)"
-for v in DEVICE BATCH AUTOCAST LR EPOCHS ITERS_PER_EPOCH TIME_BUDGET_S PRETRAINED SEED FEATURES BRAIN_POOL \
+for v in DEVICE BATCH AUTOCAST LR EPOCHS ITERS_PER_EPOCH TIME_BUDGET_S PRETRAINED SEED FEATURES BRAIN_POOL HEAD_POOL \
     PHANTOM_WEIGHTS VAL_CASES VAL_SHAPE SW_BATCH CUDNN_BENCHMARK RUN_DIR OUT_DIR HARD_TIMEOUT_S EXTRA_ARGS; do
     printf '  %-16s %s\n' "$v" "${!v}"
 done
@@ -64,6 +65,7 @@ ARGS=(run training --config_file configs/train.json
     --seed "$SEED"
     --brain_pool_size "$BRAIN_POOL"
     --phantom_weights "$PHANTOM_WEIGHTS"
+    --head_pool_size "$HEAD_POOL"
     --num_val_cases "$VAL_CASES"
     --sw_batch_size "$SW_BATCH"
     --pretrained "${PRETRAINED:-null}")

@@ -31,7 +31,8 @@ __all__ = [
     "scanner_affine",
 ]
 
-#: ``phantom(shape, voxel_size, generator=, device=)`` → χ (ppm), or ``{"chi": χ, "mask": mask}``
+#: ``phantom(shape, voxel_size, generator=, device=)`` → χ (ppm), ``{"chi": χ, "mask": mask}``, or
+#: ``{"chi": χ, "mask": mask, "field": local field}`` (a precomputed, already noisy field: see SyntheticPatchStream)
 Phantom = Callable[..., torch.Tensor | Mapping[str, torch.Tensor]]
 
 #: A large odd multiplier that separates the random streams of different seeds and ranks.
@@ -85,10 +86,20 @@ class SyntheticPatchStream(IterableDataset):
     Sample ``i`` of the stream depends only on ``(seed, i)``, so the stream is reproducible and independent of the
     batch size; several DataLoader workers or DDP ranks take disjoint samples.
 
+    A phantom may also return its own field, ``{"chi": χ, "mask": mask, "field": field}`` on the region (e.g.
+    :class:`scripts.phantoms.RealisticHeadPatchPhantom`: a whole head's total field, noisy, after background field
+    removal, with the removal's mask). That field is used as given: no forward model, no random mask border and no
+    noise (it carries its own); the field-only input is its patch demeaned inside the mask (zero outside), the
+    ``prepare`` channels are computed from the region's field as given. The target is the phantom's (true) χ inside
+    the mask and zero outside, as for every sample (the loss compares the whole target cube, validation only the
+    mask): inside the mask the network learns the true χ behind a background-removed field. Flips apply as to every
+    sample.
+
     Keywords:
         phantoms: phantom generators (see :mod:`scripts.phantoms`); default one :class:`RandomSourcePhantom`. A
             phantom may return ``{"chi": χ, "mask": mask}``: the field is then that of χ inside its mask, zero
-            outside and demeaned inside, as a brain's local field is.
+            outside and demeaned inside, as a brain's local field is; with a ``"field"`` too, that field (above).
+            A phantom with a ``b0_direction`` attribute must simulate the stream's B0 direction.
         weights: relative frequency of each phantom.
         patch_size: input patch edge in voxels (64 in QSMGAN).
         margin: crop margin; the target is the central ``patch_size − 2·margin`` cube (48³ for margin 8).
@@ -145,6 +156,15 @@ class SyntheticPatchStream(IterableDataset):
         # flipping axis i maps D(k; b) to D(k; b with b_i negated): valid iff that is the same kernel
         b = self.b0_direction
         self.flip_axes = [i for i in range(3) if b[i] == 0 or all(b[j] == 0 for j in range(3) if j != i)]
+        for phantom in self.phantoms:  # phantoms that simulate their own field must use the stream's B0 direction
+            own = getattr(phantom, "b0_direction", None)
+            if own is not None:
+                own = torch.tensor([float(v) for v in own], dtype=torch.float64)
+                mine = torch.tensor(b, dtype=torch.float64)
+                if not torch.allclose(own / own.norm(), mine / mine.norm(), atol=1e-9):
+                    raise ValueError(
+                        f"{type(phantom).__name__} simulates B0 along {tuple(own.tolist())}, the stream along {b}"
+                    )
         self.snr = (float(snr[0]), float(snr[1]))
         self.mask_prob, self.flip_prob, self.pad = float(mask_prob), float(flip_prob), float(pad)
         self.batch_size, self.seed = int(batch_size), int(seed)
@@ -160,20 +180,30 @@ class SyntheticPatchStream(IterableDataset):
         phantom = self.phantoms[int(torch.multinomial(self.weights, 1, generator=gen))]
         chi = phantom(shape, self.voxel_size, generator=gen, device=self.device)
         mask = torch.ones(shape, dtype=torch.bool, device=self.device)
+        given = None  # a field that the phantom computed itself (already noisy): used as it is
         if isinstance(chi, Mapping):  # a phantom with its own mask (e.g. a brain): the field is masked by it
+            given = chi.get("field")
             chi, mask = chi["chi"], chi["mask"].to(device=self.device, dtype=torch.bool)
         chi = chi.float()
-        if torch.rand(1, generator=gen).item() < self.mask_prob:
-            mask = mask & self._patch_mask(shape, gen).to(self.device)
-        chi = chi * mask
-        field = forward_field(chi, self.voxel_size, self.b0_direction, mask=mask, pad=self.pad)
+        if given is None:
+            if torch.rand(1, generator=gen).item() < self.mask_prob:
+                mask = mask & self._patch_mask(shape, gen).to(self.device)
+            chi = chi * mask
+            field = forward_field(chi, self.voxel_size, self.b0_direction, mask=mask, pad=self.pad)
+        else:
+            if tuple(given.shape) != shape or tuple(chi.shape) != shape or tuple(mask.shape) != shape:
+                raise ValueError(f"a phantom's field, χ and mask must have the region's shape {shape}")
+            field = given.to(device=self.device, dtype=torch.float32) * mask
+            chi = chi * mask
         c, p = self.context, self.patch_size
         inner = (slice(c, c + p),) * 3
         if self.prepare is None:  # field-only input: the patch's field, demeaned in its mask, noise on the patch
             field, chi, mask = field[inner], chi[inner], mask[inner]
-            field = self._add_noise(demean_in_mask(field, mask), mask, gen)[None]
+            field = demean_in_mask(field, mask)
+            field = (field if given is not None else self._add_noise(field, mask, gen))[None]
         else:  # whole-region channels: noise on the region's field, then the channels over the region, then crop
-            field = self.prepare(self._add_noise(field, mask, gen)[None, None])[0][(slice(None), *inner)]
+            field = field if given is not None else self._add_noise(field, mask, gen)
+            field = self.prepare(field[None, None])[0][(slice(None), *inner)]
             chi = chi[inner]
         for axis in self.flip_axes:
             if torch.rand(1, generator=gen).item() < self.flip_prob:

@@ -5,9 +5,9 @@ drawing all randomness from the given ``torch.Generator`` so that a seed fixes t
 """
 
 from .brain import BrainPatchPhantom, BrainPhantom
-from .head import HeadPhantom, simulate_head_case
+from .head import HeadPhantom, RealisticHeadPatchPhantom, simulate_head_case
 from .random_sources import RandomSourcePhantom
 
 __all__ = ["RandomSourcePhantom"]
 __all__ += ["BrainPhantom", "BrainPatchPhantom"]
-__all__ += ["HeadPhantom", "simulate_head_case"]
+__all__ += ["HeadPhantom", "RealisticHeadPatchPhantom", "simulate_head_case"]

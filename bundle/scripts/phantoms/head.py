@@ -40,7 +40,10 @@ tissue/scalp 0…0.2 (muscle ≈ water, fat ≈ +0.6 without chemical shift).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,7 +52,17 @@ import torch
 
 from .brain import BrainPhantom, _template, _u
 
-__all__ = ["HeadPhantom", "simulate_head_case", "HEAD_LABELS", "HEAD_CHI_RANGES", "AIR_CHI", "CAVITIES"]
+__all__ = [
+    "HeadPhantom",
+    "simulate_head_case",
+    "RealisticHeadPatchPhantom",
+    "HEAD_LABELS",
+    "HEAD_CHI_RANGES",
+    "AIR_CHI",
+    "CAVITIES",
+]
+
+logger = logging.getLogger(__name__)
 
 #: χ of air relative to water (ppm): χ_air ≈ +0.36 ppm, χ_water ≈ −9.04 ppm (SI).
 AIR_CHI = 9.4
@@ -392,8 +405,6 @@ def simulate_head_case(
         * with ``bfr``: ``local_field`` (BFR output, ppm, demeaned in and zero outside ``bfr_mask``), ``bfr_mask``
           (bool), ``bfr_seconds``.
     """
-    import time
-
     from ..physics import demean_in_mask, forward_field
 
     shape = tuple(int(s) for s in shape)
@@ -443,3 +454,204 @@ def simulate_head_case(
         field, mask = METHODS[bfr](total, brain, voxel, b0_direction, **dict(bfr_options or {}))
         result.update({"local_field": field, "bfr_mask": mask, "bfr_seconds": time.perf_counter() - t0})
     return result
+
+
+class RealisticHeadPatchPhantom:
+    """Background-removed local fields for :class:`scripts.data.SyntheticPatchStream`: crops of simulated whole heads.
+
+    Each pool head is :func:`simulate_head_case` on the training grid: the :class:`HeadPhantom` (brain, CSF, dura,
+    extracerebral veins, skull, scalp, face/neck, air sinuses and ear canals in air), the total field of the whole
+    head computed with zero padding, Gaussian noise on the total field, then the bundle's own background field removal
+    (:data:`scripts.background.METHODS`, ``"pdf"`` or ``"vsharp"``, drawn per head) inside the brain mask, with the
+    method's own output mask (V-SHARP erodes the brain mask by its smallest radius; PDF keeps the whole brain mask,
+    whose outermost layer it gets badly wrong, as it does in the inference pipeline on a total field).
+
+    A call returns a crop of the requested ``shape`` (the stream's region) of one pool head, centred on a random voxel
+    of the BFR mask at least about ``centre_margin_mm`` inside it (all mask voxels if none is that deep), zero beyond
+    the stored box:
+
+    * ``"chi"``: the brain's true χ (ppm, the brain phantom's; zero outside the brain mask);
+    * ``"field"``: the background-removed local field (ppm), noisy, demeaned over the whole BFR mask and zero outside;
+    * ``"mask"``: the BFR mask (bool).
+
+    The stream uses the field as given (no forward model, no extra noise) and takes χ inside the BFR mask, zero
+    outside, as its target. Crops are not flipped here (the stream flips field and χ together).
+
+    Heads are expensive (about a minute each at 1 mm on one CPU core; measured by ``build_seconds`` in
+    :attr:`records`), so each call draws one of ``pool_size`` head indices from the generator and reuses that head,
+    built lazily on first use (on the call's ``device``: the fields and BFR run there, the anatomy on the CPU) and kept
+    in an LRU cache of ``cache_size`` heads per process, each cut to the brain mask's bounding box (χ, field: float32,
+    mask: bool, on the CPU; ≈ 25 MB at 1 mm). Head ``index`` depends only on ``seed + index``: its BFR method (drawn
+    with ``bfr_weights``), its SNR (log-uniform in ``snr``, as the stream's: σ = RMS of the true local field in the
+    brain mask / SNR) and the seed of its simulation. The result of a call depends only on the generator's state,
+    not on what is cached.
+
+    Keywords:
+        pool_size: number of distinct heads (≥ 1).
+        cache_size: heads kept per process (default ``pool_size``).
+        seed: seed of pool head 0 (head ``i`` uses ``seed + i``).
+        b0_direction: B0 direction (voxel coordinates) of the simulation: the stream's (it checks that they agree).
+        snr: (min, max) per-head SNR, drawn log-uniformly.
+        bfr: background-removal methods to draw from; ``bfr_weights``: their relative frequencies (default equal).
+        head_shape: the head grid (voxels); default the :func:`simulate_head_case` grid's extent (192 × 234 × 210 mm)
+            at the requested voxel size, which holds any head of the phantom's range (the neck leaves through the
+            lower face and is continued below it, see :func:`head_total_field`).
+        centre_margin_mm: how deep inside the BFR mask crop centres lie.
+        phantom: the :class:`HeadPhantom` (default options when None).
+        pad, neck_mm: as in :func:`simulate_head_case`.
+    """
+
+    def __init__(
+        self,
+        pool_size: int = 8,
+        cache_size: int | None = None,
+        seed: int = 0,
+        b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+        snr: Sequence[float] = (5.0, 100.0),
+        bfr: Sequence[str] = ("pdf", "vsharp"),
+        bfr_weights: Sequence[float] | None = None,
+        head_shape: Sequence[int] | None = None,
+        centre_margin_mm: float = 12.0,
+        phantom: HeadPhantom | None = None,
+        pad: float = 0.5,
+        neck_mm: float = 60.0,
+    ) -> None:
+        from ..background import METHODS
+
+        if pool_size is None or int(pool_size) < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size!r}")
+        self.pool_size = int(pool_size)
+        self.cache_size = max(1, int(cache_size)) if cache_size is not None else self.pool_size
+        self.seed = int(seed)
+        self.b0_direction = tuple(float(v) for v in b0_direction)
+        if len(snr) != 2 or not 0 < float(snr[0]) <= float(snr[1]):
+            raise ValueError(f"snr must be (min, max) with 0 < min <= max, got {snr!r}")
+        self.snr = (float(snr[0]), float(snr[1]))
+        self.bfr = [str(m) for m in ([bfr] if isinstance(bfr, str) else bfr)]
+        unknown = [m for m in self.bfr if m not in METHODS]
+        if not self.bfr or unknown:
+            raise ValueError(f"bfr must name methods of {sorted(METHODS)}, got {bfr!r}")
+        w = [1.0] * len(self.bfr) if bfr_weights is None else [float(x) for x in bfr_weights]
+        if len(w) != len(self.bfr) or min(w) < 0 or sum(w) <= 0:
+            raise ValueError(f"bfr_weights must be {len(self.bfr)} non-negative numbers with a positive sum, got {w}")
+        self.bfr_weights = torch.tensor(w, dtype=torch.float64)
+        self.head_shape = tuple(int(s) for s in head_shape) if head_shape is not None else None
+        self.centre_margin_mm = float(centre_margin_mm)
+        self.phantom = phantom if phantom is not None else HeadPhantom()
+        self.pad, self.neck_mm = float(pad), float(neck_mm)
+        self._cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        #: what each head built in this process drew and cost: ``{(seed + index, voxel): info}``
+        self.records: dict[tuple, dict[str, Any]] = {}
+
+    def _head_grid(self, voxel) -> tuple[int, int, int]:
+        if self.head_shape is not None:
+            return self.head_shape
+        return tuple(int(math.ceil(n * d / v - 1e-6)) for n, d, v in zip(DEFAULT_SHAPE, DEFAULT_VOXEL, voxel))
+
+    def draws(self, index: int) -> dict[str, Any]:
+        """What pool head ``index`` uses: ``{"bfr": method, "snr": SNR, "case_seed": seed of simulate_head_case}``."""
+        gen = torch.Generator().manual_seed(self.seed + int(index))
+        method = self.bfr[int(torch.multinomial(self.bfr_weights, 1, generator=gen))]
+        lo, hi = self.snr
+        snr = math.exp(math.log(lo) + torch.rand((), generator=gen, dtype=torch.float64).item() * math.log(hi / lo))
+        return {"bfr": method, "snr": snr, "case_seed": int(torch.randint(2**62, (), generator=gen))}
+
+    def head(
+        self,
+        index: int,
+        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        device: torch.device | str | None = None,
+    ) -> dict[str, Any]:
+        """Pool head ``index`` at ``voxel_size``, cached or simulated: ``{"chi", "field", "mask", "centres", "offset",
+        "info"}``, the volumes cut to the brain mask's bounding box whose first voxel is ``offset`` on the head grid;
+        ``centres`` are flat indices (in the box) of the crop-centre candidates."""
+        from scipy import ndimage
+
+        voxel = tuple(float(v) for v in voxel_size)
+        key = (self.seed + int(index), voxel)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        info = {"index": int(index), "head_seed": key[0], **self.draws(index)}
+        grid = self._head_grid(voxel)
+        t0 = time.perf_counter()
+        case = simulate_head_case(
+            grid,
+            voxel,
+            self.b0_direction,
+            seed=info["case_seed"],
+            snr=info["snr"],
+            bfr=info["bfr"],
+            phantom=self.phantom,
+            pad=self.pad,
+            neck_mm=self.neck_mm,
+            device=device,
+        )
+        brain = case["brain_mask"].cpu()
+        idx = brain.nonzero()
+        lo, hi = idx.min(0).values.tolist(), (idx.max(0).values + 1).tolist()
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        mask = case["bfr_mask"].cpu().bool()
+        if bool((mask & ~brain).any()):
+            raise RuntimeError("the background-removal mask leaves the brain mask")  # both methods keep inside it
+        item = {
+            "chi": case["chi_brain"].cpu().float()[box].contiguous(),
+            "field": (case["local_field"].cpu().float() * mask)[box].contiguous(),
+            "mask": mask[box].contiguous(),
+            "offset": tuple(lo),
+        }
+        bfr_seconds = float(case["bfr_seconds"])
+        del case
+        depth = ndimage.distance_transform_edt(np.pad(item["mask"].numpy(), 1), sampling=voxel)[1:-1, 1:-1, 1:-1]
+        deep = torch.from_numpy(depth > self.centre_margin_mm) & item["mask"]
+        flat = torch.nonzero((deep if bool(deep.any()) else item["mask"]).flatten()).flatten()
+        if len(flat) == 0:
+            raise ValueError(f"the background-removal mask of head {index} is empty on this grid")
+        item["centres"] = flat
+        info.update(
+            {
+                "grid": grid,
+                "build_seconds": time.perf_counter() - t0,
+                "bfr_seconds": bfr_seconds,
+                "brain_voxels": int(brain.sum()),
+                "mask_voxels": int(item["mask"].sum()),
+            }
+        )
+        item["info"] = info
+        self.records[key] = info
+        logger.info(
+            f"realistic head {index} (seed {key[0]}): {info['bfr']}, SNR {info['snr']:.1f}, "
+            f"built in {info['build_seconds']:.1f} s"
+        )
+        self._cache[key] = item
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return item
+
+    def __call__(
+        self,
+        shape: Sequence[int],
+        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        shape = tuple(int(s) for s in shape)
+        head = self.head(int(torch.randint(self.pool_size, (), generator=gen)), voxel_size, device=device)
+        centres = head["centres"]
+        flat = int(centres[int(torch.randint(len(centres), (), generator=gen))])
+        bshape = head["mask"].shape
+        centre = [(flat // (bshape[1] * bshape[2])) % bshape[0], (flat // bshape[2]) % bshape[1], flat % bshape[2]]
+        src, dst = [], []
+        for c, n, b in zip(centre, shape, bshape):
+            start = c - n // 2
+            s0, s1 = max(start, 0), min(start + n, b)
+            src.append(slice(s0, s1))
+            dst.append(slice(s0 - start, s1 - start))
+        src, dst = tuple(src), tuple(dst)
+        out = {}
+        for key, dtype in (("chi", torch.float32), ("field", torch.float32), ("mask", torch.bool)):
+            volume = torch.zeros(shape, dtype=dtype)
+            volume[dst] = head[key][src]
+            out[key] = volume.to(device) if device is not None else volume
+        return out

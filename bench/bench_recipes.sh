@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Equal-time comparison of stage-1 training recipes (issue 16), each from the shipped weights, one after another.
+#
+# Every arm is the bundle's own training workflow run through bench/gpu/train_for.py with the same wall-time budget
+# (TIME_BUDGET_S, default 1800 s, set-up and validations included), the same seed, learning rate and phantom mix; the
+# best generator on the two validation brains (seeds 10000-10001) and its curve are kept per arm in
+# $OUT/<arm>/train_results.json. Run from the repository root; pin it to cores with taskset and set THREADS so that
+# other work does not share them, e.g.
+#     THREADS=1 taskset -c 1 bash bench/bench_recipes.sh /tmp/recipes baseline dipole tkd
+# Arms: baseline (field only, L1: today's recipe), dipole (+ dipole model loss and gradient difference),
+# tkd (a TKD estimate of the whole region as a second input channel, widened from the field-only weights),
+# tkdres (the same input, residual output: chi = TKD + backbone; the widened weights with the final convolution zeroed,
+# so it starts at the TKD map),
+# small (features 8-16-32-64-128 from scratch: more samples per hour).
+set -euo pipefail
+out=${1:?usage: bench_recipes.sh OUT_DIR ARM [ARM ...]}
+shift
+out=$(realpath -m "$out")
+budget=${TIME_BUDGET_S:-1800}
+threads=${THREADS:-2}
+export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+cd "$(dirname "$0")/../bundle"
+mkdir -p "$out"
+common=(--seed 4 --learning_rate 0.0003 --iterations_per_epoch 100 --epochs 40 --brain_pool_size 16)
+for arm in "$@"; do
+    case $arm in
+        baseline) extra=(--pretrained models/model.pt) ;;
+        dipole) extra=(--pretrained models/model.pt --loss#dipole_weight 1.0 --loss#gdl_weight 0.1) ;;
+        tkd)
+            python -c "import sys, torch; sys.path.insert(0, '.'); from scripts.networks import expand_input_channels; \
+torch.save(expand_input_channels(torch.load('models/model.pt'), 2), sys.argv[1])" "$out/model_2ch.pt"
+            extra=(--pretrained "$out/model_2ch.pt" --estimate tkd) ;;
+        tkdres)
+            python -c "import sys, torch; sys.path.insert(0, '.'); from scripts.networks import expand_input_channels; \
+s = expand_input_channels(torch.load('models/model.pt'), 2); \
+s.update({k: torch.zeros_like(s[k]) for k in ('backbone.final_conv.weight', 'backbone.final_conv.bias')}); \
+torch.save(s, sys.argv[1])" "$out/model_2ch_res.pt"
+            extra=(--pretrained "$out/model_2ch_res.pt" --estimate tkd --residual true) ;;
+        small) extra=(--features "[8,16,32,64,128,8]" --learning_rate 0.001) ;;
+        *) echo "unknown arm $arm" >&2; exit 2 ;;
+    esac
+    echo "== $arm: budget ${budget}s, ${threads} thread(s), $(date -u +%FT%TZ)"
+    TIME_BUDGET_S=$budget RESULTS_DIR="$out/$arm" python ../bench/gpu/train_for.py run training \
+        --config_file configs/train.json --output_dir "$out/$arm/run" "${common[@]}" "${extra[@]}" \
+        > "$out/$arm.log" 2>&1 || echo "$arm failed: see $out/$arm.log"
+    python -c "import json, sys; r = json.load(open(sys.argv[1])); \
+print(sys.argv[2], 'best', r['best'], 'curve', [v.get('val_nrmse') for v in r['validation']], 'iterations', r['validation'][-1]['trained_iterations'])" \
+        "$out/$arm/train_results.json" "$arm" || true
+done
