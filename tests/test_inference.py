@@ -156,3 +156,167 @@ def test_the_log_gives_each_stage_its_time(tmp_path):
     assert len(numbers) == 5, line  # loading, network, postprocessing, refinement, total
     load, network, post, refinement, total = numbers
     assert refinement <= post and abs(load + network + post - total) <= 0.15, line
+
+
+# ------------------------------------------------------------------------------------ overlapping output tiles
+
+
+def exact_stride_reference(field, net, roi, margin, sw_batch_size):
+    """The inferer as it was before ``overlap`` (frozen here): zero-pad by the margin and up to whole tiles, one
+    window per 48³-style output tile at a stride of exactly the tile, windows whose tile sees only zeros skipped,
+    ``sw_batch_size`` windows per forward pass, tiles copied into place."""
+    import itertools
+    import math
+
+    t = roi - 2 * margin
+    shape = field.shape[-3:]
+    counts = [max(1, math.ceil(n / t)) for n in shape]
+    pad = []
+    for c, n in reversed(list(zip(counts, shape))):
+        pad += [margin, c * t - n + margin]
+    padded = nn.functional.pad(field, pad)
+    out = torch.zeros(field.shape[0], 1, *(c * t for c in counts))
+    corners = list(itertools.product(*(range(0, c * t, t) for c in counts)))
+    todo = [(b, c) for b in range(field.shape[0]) for c in corners]
+    todo = [(b, c) for b, c in todo if padded[b, :, *(slice(x + margin, x + margin + t) for x in c)].any()]
+    for i in range(0, len(todo), sw_batch_size):
+        chunk = todo[i : i + sw_batch_size]
+        tiles = net(torch.stack([padded[b, :, *(slice(x, x + roi) for x in c)] for b, c in chunk]))
+        for (b, c), tile in zip(chunk, tiles):
+            out[b, :, *(slice(x, x + t) for x in c)] = tile
+    return out[..., : shape[0], : shape[1], : shape[2]]
+
+
+@pytest.mark.parametrize("shape, sw_batch_size", [((50, 30, 20), 3), ((25, 24, 7), 1)])
+def test_overlap_zero_is_bit_identical_to_the_exact_stride_tiling(shape, sw_batch_size):
+    """overlap 0 (the default, whatever ``blend``) copies each tile as before: the same bits, not just close."""
+    torch.manual_seed(0)
+    net = QSMGenerator(features=[4, 4, 8, 8, 8, 4], margin=4).eval()  # 32³ → 24³
+    field = torch.randn(2, 1, *shape) * 0.05
+    field[1, :, :24] = 0  # some windows of the second item see only zeros: skipped
+    with torch.inference_mode():
+        expected = exact_stride_reference(field, net, 32, 4, sw_batch_size)
+        for kwargs in ({}, {"overlap": 0.0, "blend": "gaussian"}, {"overlap": 0, "blend": "linear"}):
+            inferer = CropSlidingWindowInferer(32, 4, sw_batch_size, **kwargs)
+            assert inferer.stride == 24
+            assert torch.equal(inferer(field, net), expected), kwargs
+
+
+def test_overlap_sets_the_stride_and_the_tile_geometry():
+    inferer = CropSlidingWindowInferer(64, 8, overlap=0.25)
+    assert (inferer.tile, inferer.stride) == (48, 36)
+    assert CropSlidingWindowInferer(64, 8, overlap=0.5).stride == 24
+    assert CropSlidingWindowInferer(64, 8, overlap=1 / 3).stride == 32  # not 31 by rounding
+    assert CropSlidingWindowInferer(64, 8, overlap=0.999).stride == 1
+    # 100 voxels: tiles at 0, 36, 72 (the last reaches 120 >= 100); faces at starts and ends inside the volume
+    assert inferer.tile_counts((100, 48, 10)) == [3, 1, 1]
+    assert {s[0] for s in inferer.window_starts((100, 48, 10))} == {0, 36, 72}
+    assert inferer.tile_faces((100, 48, 10)) == [[36, 48, 72, 84], [], []]
+    assert CropSlidingWindowInferer(64, 8).tile_faces((100, 50, 48)) == [[48, 96], [48], []]
+
+
+@pytest.mark.parametrize("overlap", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("blend", ["linear", "gaussian", "constant"])
+def test_blending_is_normalised_a_constant_output_stays_constant(overlap, blend):
+    """Tiles that all say 0.37 give 0.37 everywhere (weights divided by their sum: to float32 rounding, a few
+    ulp where up to 64 tiles overlap), also at the volume's faces that one tile alone covers; voxels only skipped
+    windows cover stay 0."""
+
+    def constant(x):
+        m = 4
+        return torch.full((x.shape[0], 1, *(n - 2 * m for n in x.shape[-3:])), 0.37)
+
+    field = torch.randn(1, 1, 45, 38, 27)
+    with torch.no_grad():
+        out = CropSlidingWindowInferer(24, 4, sw_batch_size=3, skip_empty=False, overlap=overlap, blend=blend)(
+            field, constant
+        )
+        torch.testing.assert_close(out, torch.full_like(out, 0.37), rtol=1e-5, atol=0)
+        field[..., :20, :, :] = 0  # tiles of the first 16 x voxels see only zeros: skipped
+        out = CropSlidingWindowInferer(24, 4, sw_batch_size=3, overlap=overlap, blend=blend)(field, constant)
+    inside = field != 0
+    torch.testing.assert_close(out[inside], torch.full_like(out[inside], 0.37), rtol=1e-5, atol=0)
+    assert (out[..., :8, :, :] == 0).all()  # x < 8: in no tile with a non-zero input voxel (tile 16, stride <= 12)
+    assert out.shape == field.shape
+
+
+@pytest.mark.parametrize("overlap, blend", [(0.25, "linear"), (0.5, "gaussian"), (0.6, "constant")])
+def test_overlapping_tiles_of_a_local_network_give_the_one_pass_result(overlap, blend):
+    """A network whose receptive field fits in the margin gives each voxel the same value from every window that
+    covers it, so any normalised blend must give the one-pass result: a linear ramp through a crop-only network
+    stays that ramp, and a small conv net matches running it on the whole padded volume. The MetaTensor's affine
+    is kept."""
+    affine = torch.diag(torch.tensor([0.8, 0.9, 2.0, 1.0], dtype=torch.float64))
+    x, y, z = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (41, 30, 23)), indexing="ij")
+    ramp = MetaTensor((0.02 * x - 0.01 * y + 0.03 * z + 0.5)[None, None], affine=affine)
+    net = local_net(margin=8)
+    field = torch.randn(2, 1, 50, 37, 29)
+    with torch.no_grad():
+        out = CropSlidingWindowInferer(32, 8, sw_batch_size=2, overlap=overlap, blend=blend)(ramp, CenterCrop3d(8))
+        assert isinstance(out, MetaTensor) and torch.allclose(out.affine, affine)
+        torch.testing.assert_close(out.as_tensor(), ramp.as_tensor(), rtol=1e-5, atol=1e-6)
+        stitched = CropSlidingWindowInferer(32, 8, sw_batch_size=5, skip_empty=False, overlap=overlap, blend=blend)(
+            field, net
+        )
+        whole = net(nn.functional.pad(field, (8,) * 6))
+    torch.testing.assert_close(stitched, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overlap", [0.25, 0.5])
+def test_linear_blend_cross_fades_linearly_between_neighbours(overlap):
+    """Two tiles along x that disagree (each outputs its own start): across the band they share, the linear
+    weight hands over from one to the other along a straight line; outside it each tile's own value."""
+
+    def tile_start(x):  # channels: value, x coordinate (1-based; the window's voxel `margin` is its tile's first)
+        m = 4
+        t = x.shape[-1] - 2 * m
+        return x[:, 1:2, m, m, m][..., None, None, None].expand(-1, -1, t, t, t)
+
+    n, inferer = 28, CropSlidingWindowInferer(24, 4, overlap=overlap, blend="linear", skip_empty=False)
+    t, s = inferer.tile, inferer.stride  # 16 and 12 or 8
+    assert inferer.tile_counts((n, 10, 10))[0] == (2 if overlap == 0.25 else 3)
+    coords = torch.arange(1, n + 1, dtype=torch.float32)[:, None, None].expand(n, 10, 10)
+    volume = torch.stack([torch.ones(n, 10, 10), coords])[None]
+    with torch.no_grad():
+        out = inferer(volume, tile_start)[0, 0, :, 5, 5]
+    # tile k starts at voxel k·s (coordinate k·s + 1); in the shared band [s, t) of tiles 0 and 1 the weights are
+    # (t − i − 0.5)/o and (i − s + 0.5)/o, o = t − s: value = 1 + s·(i − s + 0.5)/o
+    o = t - s
+    i = torch.arange(s, t, dtype=torch.float32)
+    torch.testing.assert_close(out[s:t], 1 + s * (i - s + 0.5) / o)
+    assert (out[:s] == 1).all()
+    steps = out[s:t].diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, s / o))  # a straight line
+
+
+@pytest.mark.parametrize("overlap", [-0.1, 1.0, 1.5, float("nan"), True, "0.25", None])
+def test_overlap_outside_zero_to_one_is_refused(overlap):
+    with pytest.raises(ValueError, match=r"overlap must be a number in \[0, 1\)"):
+        CropSlidingWindowInferer(64, 8, overlap=overlap)
+
+
+def test_unknown_blend_is_refused():
+    with pytest.raises(ValueError, match="blend must be one of"):
+        CropSlidingWindowInferer(64, 8, overlap=0.25, blend="cosine")
+    with pytest.raises(ValueError, match="sigma_scale"):
+        CropSlidingWindowInferer(64, 8, overlap=0.25, blend="gaussian", sigma_scale=0)
+
+
+def test_the_configs_wire_sw_overlap_to_the_inferer():
+    """``inference.json``'s ``sw_overlap`` reaches the inferer (and can be overridden); ``evaluate.json`` merged
+    over it uses the same inferer; ``train.json``'s validation inferer keeps the exact stride."""
+    from conftest import BUNDLE
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    assert parser["sw_overlap"] == 0
+    assert parser.get_parsed_content("inferer").overlap == parser["sw_overlap"]
+    parser["sw_overlap"] = 0.25
+    assert parser.get_parsed_content("inferer", lazy=False).stride == 36
+    merged = ConfigParser()
+    merged.read_config([str(BUNDLE / "configs" / "inference.json"), str(BUNDLE / "configs" / "evaluate.json")])
+    assert merged.get_parsed_content("inferer").overlap == merged["sw_overlap"]
+    train = ConfigParser()
+    train.read_config(str(BUNDLE / "configs" / "train.json"))
+    assert train.get_parsed_content("inferer").stride == 48

@@ -10,6 +10,7 @@ from ignite.engine import Engine
 from scipy.ndimage import gaussian_filter
 
 from scripts import metrics as M
+from scripts.inference import CropSlidingWindowInferer
 
 # QSM-CI key -> our compute_all key
 QSMCI_KEYS = {
@@ -309,3 +310,81 @@ def test_ignite_metric_in_supervised_evaluator():
         expected = np.mean([fn(c["pred"], c["label"], c["mask"]) for c in cases])
         assert evaluator.state.metrics[key] == pytest.approx(expected, rel=1e-12)
     assert evaluator.state.best_metric == pytest.approx(evaluator.state.metrics["val_nrmse"])
+
+
+# ------------------------------------------------------------------------------------ tile seams
+
+
+def _smooth(shape, seed=0, sigma=3.0):
+    return gaussian_filter(np.random.default_rng(seed).standard_normal(shape), sigma)
+
+
+def test_tile_seam_ratio_by_hand():
+    """χ rising by 1 per voxel along x except 3 across plane 10 (between voxels 9 and 10): border plane 10 over
+    the planes 2–6 away (4–8, 12–16) = 3; y and z have no border inside 3 voxels (NaN), so the pooled ratio is x's.
+    A mask that leaves out voxel 10 removes the border pair: NaN."""
+    steps = np.ones(19)
+    steps[9] = 3.0  # χ[10] − χ[9]
+    chi = np.broadcast_to(np.concatenate([[0.0], np.cumsum(steps)])[:, None, None], (20, 3, 3))
+    ratio = M.tile_seam_ratio(torch.from_numpy(chi.copy())[None], None, tile=10, offset=0)
+    assert ratio["x"] == pytest.approx(3.0) and ratio["all"] == pytest.approx(3.0)
+    assert math.isnan(ratio["y"]) and math.isnan(ratio["z"])
+    # borders every 10 from offset 5: planes 5 and 15; 10 is 5 away from both, a neighbour: (1 + 1)/(…+3…) < 1
+    assert M.tile_seam_ratio(chi, None, tile=10, offset=5)["x"] < 1
+    mask = np.ones(chi.shape)
+    mask[10] = 0
+    assert math.isnan(M.tile_seam_ratio(chi, mask, tile=10)["x"])
+
+
+def test_tile_seam_ratio_is_near_one_for_a_smooth_map_and_large_for_steps_at_the_borders():
+    smooth = _smooth((100, 110, 96))
+    for offset in (0, 17, (0, 12)):
+        ratio = M.tile_seam_ratio(smooth, None, tile=48, offset=offset)
+        assert all(0.8 < v < 1.25 for v in ratio.values()), (offset, ratio)
+    stepped = smooth.copy()
+    for axis in range(3):  # a step of half the map's spread at x, y, z = 48 and 96
+        index = [slice(None)] * 3
+        index[axis] = slice(48, None)
+        stepped[tuple(index)] += 0.5 * smooth.std()
+        index[axis] = slice(96, None)
+        stepped[tuple(index)] += 0.5 * smooth.std()
+    ratio = M.tile_seam_ratio(stepped, np.ones(stepped.shape), tile=48, offset=0)
+    assert all(v > 2 for v in ratio.values()), ratio
+    assert 0.8 < M.tile_seam_ratio(stepped, None, tile=48, offset=24)["all"] < 1.25  # borders elsewhere: no seam
+    mask = np.zeros(stepped.shape, bool)
+    mask[:, :, :40] = True  # only z < 40: no z border pair, and the x and y steps are still inside
+    masked = M.tile_seam_ratio(stepped, mask, tile=48)
+    assert math.isnan(masked["z"]) and masked["x"] > 2 and masked["y"] > 2
+
+
+def test_tile_seam_ratio_finds_the_inferers_tile_borders():
+    """A network that adds its own random offset to each window leaves steps exactly where the inferer's output
+    tiles meet: ``tile_faces``/``window_starts`` in the unpadded volume (the padding by the margin does not shift
+    them), which the metric sees at ``offset=0``, and not half a tile away."""
+    gen = torch.Generator().manual_seed(0)
+
+    def offset_per_window(x):
+        m = 4
+        crop = x[..., m:-m, m:-m, m:-m]
+        return crop + crop.std() * torch.randn(x.shape[0], 1, 1, 1, 1, generator=gen)
+
+    field = torch.from_numpy(_smooth((64, 56, 40), sigma=2.0)).float()[None, None]
+    inferer = CropSlidingWindowInferer(24, 4, skip_empty=False)
+    assert inferer.tile_faces(field.shape[-3:]) == [[16, 32, 48], [16, 32, 48], [16, 32]]
+    with torch.no_grad():
+        out = inferer(field, offset_per_window)
+    assert M.tile_seam_ratio(out, None, tile=16, offset=0)["all"] > 2
+    assert 0.8 < M.tile_seam_ratio(out, None, tile=16, offset=8)["all"] < 1.25
+
+
+def test_tile_seam_ratio_bad_arguments():
+    chi = np.zeros((10, 10, 10))
+    with pytest.raises(ValueError, match="tile"):
+        M.tile_seam_ratio(chi, None, tile=0)
+    with pytest.raises(ValueError, match="near"):
+        M.tile_seam_ratio(chi, None, tile=4, near=(0, 3))
+    with pytest.raises(ValueError, match="offset"):
+        M.tile_seam_ratio(chi, None, tile=4, offset=[])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.tile_seam_ratio(chi, np.ones((10, 10, 9)), tile=4)
+    assert math.isnan(M.tile_seam_ratio(chi, None, tile=4)["all"])  # no gradient at all

@@ -3,8 +3,10 @@
 :class:`CropSlidingWindowInferer` tiles a volume with the network's *output* cubes. A network that maps a
 ``roi``³ window to its central ``(roi − 2·margin)``³ is applied at a stride of exactly ``roi − 2·margin``, after
 the volume has been zero-padded by ``margin`` (and up to a whole number of tiles), so every output voxel comes
-from exactly one window and no blending is needed. MONAI's ``SlidingWindowInferer`` would read a smaller output
-as a zoomed one and blend, so it is not used here. :class:`CaseReport` scores cases that come with a true χ.
+from exactly one window and no blending is needed; with ``overlap`` > 0 the output tiles overlap and are blended
+with a weight that falls off towards their faces (normalised by the summed weights). MONAI's
+``SlidingWindowInferer`` would read a smaller output as a zoomed one, so it is not used here. :class:`CaseReport`
+scores cases that come with a true χ.
 
 The rest of the inference workflow (``configs/inference.json``): :mod:`scripts.checks` (which cases, checked),
 :mod:`scripts.demo` (the demo case), :mod:`scripts.grid` (units and the network's grid), :mod:`scripts.refine`
@@ -24,7 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import compute_importance_map
 from monai.inferers import Inferer
+from monai.utils import BlendMode
 
 from .baselines import tkd
 from .checks import case_info, output_stem
@@ -60,20 +64,43 @@ class CropSlidingWindowInferer(Inferer):
 
     Keywords:
         roi_size: window edge in voxels (network input), e.g. 64.
-        margin: voxels the network crops from each side (8 for 64 → 48).
+        margin: voxels the network crops from each side (8 for 64 → 48); the output tile's edge is
+            ``tile = roi_size − 2·margin``.
         sw_batch_size: windows per forward pass.
         sw_device: device the windows run on (default: the input's device); the stitched output stays on the
             input's device, so a large volume can live in CPU memory while windows run on the GPU.
         skip_empty: skip windows whose output tile sees only zeros in the input (outside the mask the field is
-            zero, and the output is masked there); their output is 0.
+            zero, and the output is masked there); they contribute nothing, and voxels no computed tile covers
+            are 0.
         progress: show a tqdm progress bar.
+        overlap: fraction of the output tile shared with each neighbour along an axis, in [0, 1): the stride is
+            ``⌊tile·(1 − overlap)⌋`` voxels (at least 1; 48³ tiles: 0 → 48, 0.25 → 36, 0.5 → 24). 0 (default):
+            every output voxel comes from exactly one window, copied as it is. Above 0 the overlapping tiles are
+            blended, each weighted by ``blend`` and the sum divided by the summed weights, so tiles that agree
+            (a constant, a ramp) are reproduced to rounding.
+        blend: weight of a tile's voxels when tiles overlap, falling off towards the tile's faces:
+            ``"linear"`` (default): separable trapezoid, 1 in the middle, ramping linearly to ``0.5/o`` at the
+            faces over the ``o = tile − stride`` voxels a tile shares with a neighbour (for ``overlap <= 0.5``
+            two neighbours' ramps add up to 1: a linear cross-fade over the whole shared band);
+            ``"gaussian"``: MONAI's :func:`~monai.data.utils.compute_importance_map` (separable Gaussian, σ =
+            ``sigma_scale``·tile, clamped at 1e-3); ``"constant"``: plain average (MONAI's constant map).
+        sigma_scale: σ of the ``"gaussian"`` weight as a fraction of the tile (MONAI's default 0.125).
 
     A network with a ``prepare_input`` method (:class:`scripts.networks.QSMGenerator`) gets the whole volume
     through it first, so that channels computed over the whole region (a k-space estimate of χ) reach every window.
 
+    Geometry: the volume is zero-padded by ``margin`` before and by ``margin`` plus whatever completes the last
+    tile after; in the output (the unpadded frame), tile ``i`` along an axis covers voxels
+    ``[i·stride, i·stride + tile)``, the starts being :meth:`window_starts` (= the input windows' corners in the
+    padded frame), so the tiles' faces lie at ``i·stride`` and ``i·stride + tile`` (:meth:`tile_faces`).
+
     Shapes:
-        inputs (B, 1, X, Y, Z), any X, Y, Z → output (B, C, X, Y, Z).
+        inputs (B, C_in, X, Y, Z), any X, Y, Z → output (B, C, X, Y, Z) on the input's device, float like the
+        input (a MetaTensor input gives a MetaTensor with its meta data); the network maps
+        (N, C_in', roi, roi, roi) → (N, C, tile, tile, tile), C_in' being the channels of ``prepare_input``.
     """
+
+    BLENDS = ("linear", "gaussian", "constant")
 
     def __init__(
         self,
@@ -83,31 +110,76 @@ class CropSlidingWindowInferer(Inferer):
         sw_device: str | torch.device | None = None,
         skip_empty: bool = True,
         progress: bool = False,
+        overlap: float = 0.0,
+        blend: str = "linear",
+        sigma_scale: float = 0.125,
     ) -> None:
         super().__init__()
         if roi_size <= 2 * margin or margin < 0:
             raise ValueError(f"need roi_size > 2 * margin >= 0, got roi_size={roi_size}, margin={margin}")
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
+            raise ValueError(
+                f"overlap must be a number in [0, 1) (the fraction of the output tile shared with a neighbour), "
+                f"got {overlap!r}"
+            )
+        if blend not in self.BLENDS:
+            raise ValueError(f"blend must be one of {self.BLENDS}, got {blend!r}")
+        if not sigma_scale > 0:
+            raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
         self.roi_size, self.margin = int(roi_size), int(margin)
         self.tile = self.roi_size - 2 * self.margin
+        self.overlap = float(overlap)
+        # floor, as MONAI's sliding window; the epsilon keeps e.g. 48·(1 − 1/3) = 31.999… at 32
+        self.stride = max(1, math.floor(self.tile * (1.0 - self.overlap) + 1e-6))
+        self.blend, self.sigma_scale = blend, float(sigma_scale)
         self.sw_batch_size = int(sw_batch_size)
         self.sw_device = sw_device
         self.skip_empty = bool(skip_empty)
         self.progress = bool(progress)
 
+    def tile_counts(self, spatial_shape: Sequence[int]) -> list[int]:
+        """Output tiles along each axis: enough tiles at ``stride`` for the last one to reach the volume's end."""
+        t, s = self.tile, self.stride
+        return [1 + max(0, math.ceil((int(n) - t) / s)) for n in spatial_shape]
+
     def window_starts(self, spatial_shape: Sequence[int]) -> list[tuple[int, int, int]]:
-        """Corners of the output tiles (= of the input windows in the padded frame), in voxels."""
-        counts = [max(1, math.ceil(s / self.tile)) for s in spatial_shape]
-        return [tuple(i * self.tile for i in idx) for idx in itertools.product(*(range(c) for c in counts))]
+        """Corners of the output tiles in the unpadded volume (= of the input windows in the padded frame), in
+        voxels, multiples of ``stride``."""
+        counts = self.tile_counts(spatial_shape)
+        return [tuple(i * self.stride for i in idx) for idx in itertools.product(*(range(c) for c in counts))]
+
+    def tile_faces(self, spatial_shape: Sequence[int]) -> list[list[int]]:
+        """Per axis, the sorted positions ``p`` (0 < p < n) of the tile faces inside the volume: the planes between
+        voxels ``p − 1`` and ``p`` where an output tile starts or ends."""
+        faces = []
+        for n, c in zip(spatial_shape, self.tile_counts(spatial_shape)):
+            planes = {i * self.stride for i in range(c)} | {i * self.stride + self.tile for i in range(c)}
+            faces.append(sorted(p for p in planes if 0 < p < int(n)))
+        return faces
+
+    def weight_map(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (tile, tile, tile) blending weight of one output tile (all ones when ``overlap`` is 0), > 0."""
+        t, o = self.tile, self.tile - self.stride
+        if o == 0 or self.blend == "constant":
+            return compute_importance_map((t, t, t), BlendMode.CONSTANT, device=device, dtype=dtype)
+        if self.blend == "gaussian":
+            return compute_importance_map((t, t, t), BlendMode.GAUSSIAN, self.sigma_scale, device, dtype)
+        i = torch.arange(t, dtype=torch.float64)
+        ramp = torch.minimum((i + 0.5) / o, (t - i - 0.5) / o).clamp(max=1.0)
+        w = ramp[:, None, None] * ramp[None, :, None] * ramp[None, None, :]
+        return w.to(device=device, dtype=dtype)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        """Run ``network`` over ``inputs`` (B, C_in, X, Y, Z) tile by tile → (B, C, X, Y, Z); see the class."""
         if inputs.ndim != 5:
             raise ValueError(f"expected (B, C, X, Y, Z) inputs, got shape {tuple(inputs.shape)}")
         spatial = inputs.shape[-3:]
         m, t = self.margin, self.tile
-        counts = [max(1, math.ceil(s / t)) for s in spatial]
-        after = [c * t - s + m for c, s in zip(counts, spatial)]
+        counts = self.tile_counts(spatial)
+        full = [(c - 1) * self.stride + t for c in counts]  # extent of the tiled output, >= the volume
+        after = [f - s + m for f, s in zip(full, spatial)]
         raw = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         # a generator that reads whole-region channels (an estimate of χ) makes them here, before tiling
         prepare = getattr(getattr(network, "module", network), "prepare_input", None)
@@ -117,7 +189,9 @@ class CropSlidingWindowInferer(Inferer):
         padded = torch.nn.functional.pad(raw, (m, after[2], m, after[1], m, after[0]))
         device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device
         starts = self.window_starts(spatial)
+        blending = self.stride != t
         output: torch.Tensor | None = None
+        weights = weight_sum = None
         todo = [(b, s) for b in range(inputs.shape[0]) for s in starts]
         if self.skip_empty:
             todo = [(b, s) for b, s in todo if bool(padded[b, :, *self._slices(s, m, t)].any())]
@@ -136,15 +210,25 @@ class CropSlidingWindowInferer(Inferer):
                     f"input: check roi_size and margin"
                 )
             if output is None:
-                output = raw.new_zeros((raw.shape[0], tiles.shape[1], *(c * t for c in counts)))
+                output = raw.new_zeros((raw.shape[0], tiles.shape[1], *full))
+                if blending:
+                    weights = self.weight_map(output.device, output.dtype)
+                    weight_sum = raw.new_zeros((raw.shape[0], 1, *full))
             for (b, s), tile in zip(chunk, tiles.to(output.device, output.dtype)):
-                output[b, :, *self._slices(s, 0, t)] = tile
+                where = self._slices(s, 0, t)
+                if blending:
+                    output[b, :, *where] += tile * weights
+                    weight_sum[b, 0, *where] += weights
+                else:  # exact stride: each voxel from one tile, copied (bit-identical to a single pass)
+                    output[b, :, *where] = tile
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
         if output is None:  # every window skipped: nothing but zeros in the input
-            output = raw.new_zeros((raw.shape[0], 1, *(c * t for c in counts)))
+            output = raw.new_zeros((raw.shape[0], 1, *full))
+        elif blending:  # voxels no computed tile covers (skipped windows only) stay 0
+            output /= weight_sum.clamp(min=torch.finfo(weight_sum.dtype).tiny)
         output = output[..., : spatial[0], : spatial[1], : spatial[2]].contiguous()
         if isinstance(inputs, MetaTensor):  # same grid as the input: keep its affine and header
             output = MetaTensor(output, meta=inputs.meta, applied_operations=inputs.applied_operations)

@@ -39,6 +39,9 @@ Definitions (r = prediction, t = truth, both zeroed outside the mask M; ``x̃`` 
   signed relative error (pred − true)/true (negative: magnitude under-estimated, for para- and diamagnetic lesions
   alike).
 
+:func:`tile_seam_ratio` is not a QSM-CI metric: it measures seams of tiled inference, the mean |gradient| across
+the planes at tile borders over that across the planes 2–6 voxels from them, inside the mask (1: no seam).
+
 :func:`compute_all` returns all of them (plus QSM-CI's region NRMSEs when a label map is given) as one dict.
 :class:`QSMMetric` is the Ignite metric for MONAI evaluators; :func:`higher_is_better` tells the direction.
 """
@@ -71,6 +74,7 @@ __all__ = [
     "calcification_moment",
     "calcification_streaking",
     "lesion_total_susceptibility",
+    "tile_seam_ratio",
     "compute_all",
     "higher_is_better",
     "QSMMetric",
@@ -476,6 +480,78 @@ def lesion_total_susceptibility(
     if int(dilation_voxels) != dilation_voxels or dilation_voxels < 0:
         raise ValueError(f"dilation_voxels must be a non-negative integer, got {dilation_voxels!r}")
     return _lesion_totals(r, t, seg, voxel_volume_mm3, label_ids, bool(connected_components), int(dilation_voxels))
+
+
+def tile_seam_ratio(
+    chi: Any,
+    mask: Any = None,
+    tile: int = 48,
+    offset: int | Sequence[int] = 0,
+    near: tuple[int, int] = (2, 6),
+) -> dict[str, float]:
+    """How much more χ changes across tile borders than across the planes near them: a seam detector.
+
+    Plane ``p`` of an axis is the interface between voxels ``p − 1`` and ``p``; its gradient is ``|χ[p] − χ[p−1]|``
+    at the voxel pairs whose two voxels are both inside ``mask``. The tile borders are the planes ``p = o + k·tile``
+    (``o`` in ``offset``, any integer ``k``) with ``0 < p < n`` (the volume's own faces are not borders); their
+    neighbours are the other planes ``near[0]``–``near[1]`` planes away from the nearest border (both sides).
+    The ratio is (mean gradient over the border planes) / (mean gradient over the neighbour planes): about 1 for a
+    seamless map, above 1 where tiles meet with a step or a kink. Apply it to an error map (χ − truth) to see the
+    seams without the anatomy.
+
+    For :class:`scripts.inference.CropSlidingWindowInferer` the output tiles start at its ``window_starts`` in the
+    unpadded volume (multiples of its ``stride``; the zero-padding by ``margin`` does not shift them): exact stride
+    48 → ``tile=48, offset=0``; with overlap the faces are at ``k·stride`` and ``k·stride + tile`` →
+    ``tile=stride, offset=(0, tile % stride)`` (:meth:`~scripts.inference.CropSlidingWindowInferer.tile_faces`).
+
+    Arguments:
+        chi: (X, Y, Z) volume (leading singleton dimensions dropped), torch or numpy.
+        mask: (X, Y, Z), ``> 0`` inside; None: the whole volume.
+        tile: period of the borders in voxels (>= 1).
+        offset: position(s) of the borders modulo ``tile``.
+        near: (first, last) distance in planes of the neighbour planes, 1 <= first <= last.
+
+    Returns:
+        ``{"x", "y", "z", "all"}``: the ratio per axis and pooled over the three axes (all border voxel pairs over
+        all neighbour voxel pairs); NaN where there is no border or neighbour pair inside the mask, or no gradient.
+    """
+    x = _volume(chi, "chi").astype(np.float64)
+    m = np.ones(x.shape, bool) if mask is None else np.nan_to_num(_volume(mask, "mask").astype(np.float64)) > 0
+    _check_shapes(chi=x, mask=m)
+    if isinstance(tile, bool) or int(tile) != tile or tile < 1:
+        raise ValueError(f"tile must be an integer >= 1, got {tile!r}")
+    offsets = [offset] if isinstance(offset, (int, np.integer)) else list(offset)
+    if not offsets or any(isinstance(o, bool) or int(o) != o for o in offsets):
+        raise ValueError(f"offset must be an integer or a non-empty sequence of integers, got {offset!r}")
+    lo, hi = (int(v) for v in near)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"near must be (first, last) with 1 <= first <= last, got {near!r}")
+    x = np.where(m & np.isfinite(x), x, 0.0)
+    sums = {"border": np.zeros(4), "near": np.zeros(4)}
+    counts = {"border": np.zeros(4), "near": np.zeros(4)}
+    for axis in range(3):
+        n = x.shape[axis]
+        planes = np.arange(1, n)
+        borders = planes[np.isin(planes % int(tile), [int(o) % int(tile) for o in offsets])]
+        if borders.size == 0:
+            continue
+        distance = np.abs(planes[:, None] - borders[None, :]).min(axis=1)
+        grad = np.abs(np.diff(x, axis=axis))
+        pair = np.logical_and(m.take(range(0, n - 1), axis=axis), m.take(range(1, n), axis=axis))
+        plane_sum = np.moveaxis(grad * pair, axis, 0).sum(axis=(1, 2))
+        plane_count = np.moveaxis(pair, axis, 0).sum(axis=(1, 2))
+        for kind, select in (("border", distance == 0), ("near", (distance >= lo) & (distance <= hi))):
+            sums[kind][axis] = plane_sum[select].sum()
+            counts[kind][axis] = plane_count[select].sum()
+    for kind in sums:
+        sums[kind][3], counts[kind][3] = sums[kind][:3].sum(), counts[kind][:3].sum()
+    out = {}
+    for i, name in enumerate(("x", "y", "z", "all")):
+        if counts["border"][i] == 0 or counts["near"][i] == 0 or sums["near"][i] == 0:
+            out[name] = math.nan
+        else:
+            out[name] = float((sums["border"][i] / counts["border"][i]) / (sums["near"][i] / counts["near"][i]))
+    return out
 
 
 def compute_all(
