@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scripts import baselines as B
-from scripts.baselines.common import lsqr
+from scripts.baselines.common import cg, lsqr
 from scripts.metrics import nrmse
 from scripts.physics import dipole_kernel, forward_field
 
@@ -243,3 +243,45 @@ def test_masked_tikhonov_matches_a_dense_solve():
         B.masked_tikhonov(field, mask, voxel, b0, prior=torch.zeros(9, 7, 4))
     with pytest.raises(ValueError, match="iterations"):
         B.masked_tikhonov(field, mask, voxel, b0, iterations=0)
+
+
+def test_preconditioned_masked_tikhonov_matches_the_dense_solve_in_fewer_iterations():
+    """The Fourier preconditioner M F⁻¹(D² + ν)⁻¹F M changes how CG gets there, not where: with it the solver
+    reaches the dense solution of test_masked_tikhonov_matches_a_dense_solve's problem, and on a brain-sized
+    ellipsoidal mask it is closer to the converged solution after 8 iterations than plain CG is after 16."""
+    shape, voxel, b0, lam = (9, 7, 5), (1.0, 1.0, 1.5), (0.2, 0.1, 0.97), 0.02
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(shape, generator=gen) > 0.3
+    field = torch.randn(shape, generator=gen, dtype=torch.float64) * mask
+    prior = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.1
+    kw = dict(prior=prior, tol=1e-12, pad=0, dtype=torch.float64)
+    plain = B.masked_tikhonov(field, mask, voxel, b0, lam, 400, **kw)
+    pre = B.masked_tikhonov(field, mask, voxel, b0, lam, 400, precond_weight=0.05, **kw)
+    assert torch.allclose(pre, plain, atol=1e-6 * float(plain.abs().max()))
+
+    shape, lam = (40, 40, 32), 3e-4
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = sum(a.square() for a in axes) < 0.7
+    chi = torch.randn(shape, generator=gen).clamp(-2, 2) * 0.05 * mask
+    field = forward_field(chi, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), mask=mask) * mask
+    args = (field, mask, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), lam)
+    converged = B.masked_tikhonov(*args, 400, tol=1e-8, precond_weight=3e-3)
+    err_pre = float((B.masked_tikhonov(*args, 8, precond_weight=3e-3) - converged).norm())
+    err_plain = float((B.masked_tikhonov(*args, 16) - converged).norm())
+    assert err_pre < err_plain, (err_pre, err_plain)
+    with pytest.raises(ValueError, match="preconditioner weight"):
+        B.masked_tikhonov(*args, 2, precond_weight=0.0)
+
+
+def test_cg_with_an_identity_preconditioner_is_plain_cg():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    spd = a @ a.T + 12 * torch.eye(12, dtype=torch.float64)
+    rhs = torch.randn(12, generator=gen, dtype=torch.float64)
+    x0 = torch.zeros(12, dtype=torch.float64)
+    plain = cg(lambda x: spd @ x, rhs, x0, 1e-14, 6)
+    ident = cg(lambda x: spd @ x, rhs, x0, 1e-14, 6, precond=lambda r: r.clone())
+    assert torch.allclose(plain, ident, rtol=1e-10, atol=1e-12)
+    exact = torch.linalg.solve(spd, rhs)
+    jacobi = cg(lambda x: spd @ x, rhs, x0, 1e-14, 50, precond=lambda r: r / torch.diagonal(spd))
+    assert torch.allclose(jacobi, exact, atol=1e-10)

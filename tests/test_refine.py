@@ -88,6 +88,15 @@ def test_masked_cg_refinement():
         data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg")
     with pytest.raises(InputError, match="dc_solver"):
         DataConsistencyd(weight=0.01, solver="admm", iterations=1, **dc_models(inference_config()))
+    for bad in (0.0, -1e-3):
+        with pytest.raises(InputError, match="dc_precond_weight"):
+            DataConsistencyd(weight=0.01, solver="cg", iterations=1, **{**dc_models(inference_config()), "precond_weight": bad})
+    # the preconditioned solve is the same problem: with enough iterations both reach the same χ
+    plain = data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg", iterations=300, tol=1e-7)
+    pre = data_consistency(
+        chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg", iterations=300, tol=1e-7, precond_weight=0.03
+    )
+    assert float((pre - plain).norm() / plain.norm()) < 1e-3
 
 
 def inference_config() -> dict:
@@ -100,19 +109,20 @@ def inference_config() -> dict:
 
 def dc_models(config: dict) -> dict:
     """DataConsistencyd's data-model settings as inference.json gives them (they have no defaults of their own)."""
-    keys = ("model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations")
+    keys = ("model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations", "precond_weight")
     return {k: config[f"dc_{k}"] for k in keys}
 
 
 def test_the_refinement_has_no_defaults_of_its_own():
-    """``inference.json`` is the one place for dc_weight, dc_solver and dc_iterations."""
+    """``inference.json`` is the one place for dc_weight, dc_solver, dc_iterations and dc_precond_weight."""
     import inspect
     import json
 
     from conftest import BUNDLE
 
     config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    assert (config["dc_weight"], config["dc_solver"], config["dc_iterations"]) == (3e-4, "cg", 60)
+    assert (config["dc_weight"], config["dc_solver"], config["dc_iterations"]) == (3e-4, "cg", 30)
+    assert config["dc_precond_weight"] == 3e-3
     for fn in (data_consistency, DataConsistencyd.__init__):
         params = inspect.signature(fn).parameters
         for name in ("weight", "solver"):

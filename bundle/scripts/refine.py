@@ -98,6 +98,7 @@ def data_consistency(
     net_field: torch.Tensor | None = None,
     tol: float = 1e-4,
     cg_pad: float | Sequence[int] = CG_PAD,
+    precond_weight: float | None = None,
 ) -> torch.Tensor:
     """Data-consistency refinement of a network's χ (all in ppm): χ close to χ_net whose field matches b.
 
@@ -125,6 +126,7 @@ def data_consistency(
     Keywords:
         solver: ``"cg"`` or ``"closed_form"``; iterations: CG iterations, needed by ``"cg"`` (``inference.json``
             sets both).
+        precond_weight: ``"cg"``: ν of the Fourier preconditioner (``None``: plain CG).
         pad: closed form: zero padding per side (fraction or voxel counts).
         net_field: closed form only: D⊛χ_net if already computed (same padding).
 
@@ -140,7 +142,16 @@ def data_consistency(
         if iterations is None:
             raise ValueError("solver 'cg' needs iterations (inference.json: dc_iterations)")
         return masked_tikhonov(
-            field, mask, voxel_size, b0_direction, weight, iterations, prior=chi_net, tol=tol, pad=cg_pad
+            field,
+            mask,
+            voxel_size,
+            b0_direction,
+            weight,
+            iterations,
+            prior=chi_net,
+            tol=tol,
+            pad=cg_pad,
+            precond_weight=precond_weight,
         ).to(chi_net.device)
     inside = mask > 0
     op = DipoleOperator(chi_net.shape[-3:], voxel_size, b0_direction, pad, device=chi_net.device)
@@ -182,6 +193,8 @@ def margin_tikhonov(
     outside_weight: float,
     pad: float | Sequence[int],
     tol: float = 1e-4,
+    precond_weight: float | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The support-constrained refinement with sources also allowed in a shell of ``margin_mm`` outside the mask.
 
@@ -189,6 +202,11 @@ def margin_tikhonov(
     P: inside the mask, demeaned there. The shell's sources can explain a field whose origin lies outside the mask
     (the remnants of background removal, the field of the tissue an eroded mask left out), which χ inside the mask
     then need not. Used by the ``"auto"`` model as a consistency test.
+
+    Keywords:
+        precond_weight: ν of the Fourier preconditioner on the grown support (``None``: plain CG).
+        start: CG's starting χ (ppm, (X, Y, Z), inside the mask; default the prior), e.g. the support model's
+            solution, so that the iterations go to the shell's sources.
 
     Returns:
         (χ inside the mask (ppm), ‖P(D⊛χ) − b‖/‖b‖ with the shell's sources included).
@@ -206,7 +224,10 @@ def margin_tikhonov(
 
     x0 = frame.pad(prior.float()) * m
     rhs = frame.dipole(frame.b).mul_(shell_support).add_(reg * x0)
-    x = cg(normal, rhs, x0, float(tol), int(iterations))
+    if start is not None:
+        x0 = frame.pad(start.float()) * m
+    precond = None if precond_weight is None else frame.fourier_preconditioner(shell_support, frame.D, precond_weight)
+    x = cg(normal, rhs, x0, float(tol), int(iterations), precond)
     ratio = _norm_ratio(residual_field(x).sub_(frame.b), frame.b)
     return frame.result(x), ratio
 
@@ -223,6 +244,7 @@ def harmonic_tikhonov(
     radius_mm: float,
     pad: float | Sequence[int],
     tol: float = 1e-4,
+    precond_weight: float | None = None,
 ) -> torch.Tensor:
     """Refinement with a data term blind to harmonic fields: the background remnants of any removal method.
 
@@ -232,7 +254,7 @@ def harmonic_tikhonov(
     background remnant wherever the sphere fits inside the mask; what is left to fit is the local field's own
     non-harmonic part. The price: the harmonic part of the local field (low spatial frequencies) comes from the
     prior, not from the data. (δ − s_r)D is one Fourier multiplier, so an iteration costs what the support model's
-    does.
+    does. ``precond_weight``: ν of the Fourier preconditioner M F⁻¹(|(1 − s_r)D|² + ν)⁻¹F M (``None``: plain CG).
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -254,7 +276,8 @@ def harmonic_tikhonov(
     x0 = frame.pad(prior.float()) * m
     data = frame.ifft(frame.fft(frame.b).mul_(high_pass)).mul_(trusted)
     rhs = filtered(data).mul_(m).add_(x0, alpha=float(weight))
-    return frame.result(cg(normal, rhs, x0, float(tol), int(iterations)))
+    precond = None if precond_weight is None else frame.fourier_preconditioner(m, kernel, precond_weight)
+    return frame.result(cg(normal, rhs, x0, float(tol), int(iterations), precond))
 
 
 def auto_refinement(
@@ -273,6 +296,7 @@ def auto_refinement(
     inconsistency: float,
     pad: float | Sequence[int],
     tol: float = 1e-4,
+    precond_weight: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The default refinement: the support model where the data are a local field of sources inside the mask, the
     harmonic model where they are not.
@@ -283,13 +307,26 @@ def auto_refinement(
     ρ_in and ρ_shell. If ρ_in/ρ_shell > ``inconsistency``, sources outside the mask explain a part of the data that
     sources inside cannot: background remnants or the field of tissue outside an eroded mask. The support model
     would explain it with χ inside the mask (the error the refinement must never make), so the harmonic model
-    (:func:`harmonic_tikhonov`), blind to such fields, refines χ instead, and the case is flagged.
+    (:func:`harmonic_tikhonov`), blind to such fields, refines χ instead, and the case is flagged. Every solve uses
+    the Fourier preconditioner with ``precond_weight`` ν (``None``: plain CG); the shell fit starts from the support
+    model's χ, so its iterations go to what the shell's sources add.
 
     Returns:
         (χ (ppm), a record: ``residual_ratio_support``, ``residual_ratio_shell``, ``inconsistency_ratio``,
         ``data_inconsistent`` and ``dc_model_used``).
     """
-    chi_in = masked_tikhonov(field, mask, voxel_size, b0_direction, weight, iterations, prior=chi_net, tol=tol, pad=pad)
+    chi_in = masked_tikhonov(
+        field,
+        mask,
+        voxel_size,
+        b0_direction,
+        weight,
+        iterations,
+        prior=chi_net,
+        tol=tol,
+        pad=pad,
+        precond_weight=precond_weight,
+    )
     _, rho_in = dipole_residual(chi_in, field, mask, voxel_size, b0_direction, pad)
     _, rho_shell = margin_tikhonov(
         field,
@@ -303,6 +340,8 @@ def auto_refinement(
         outside_weight=outside_weight,
         pad=pad,
         tol=tol,
+        precond_weight=precond_weight,
+        start=chi_in,
     )
     ratio = rho_in / max(rho_shell, 1e-12)
     record = {
@@ -324,6 +363,7 @@ def auto_refinement(
             iterations=iterations,
             radius_mm=radius_mm,
             pad=pad,
+            precond_weight=precond_weight,
         )
     except EmptyDataTerm:  # no voxel deep enough inside the mask: the network's χ is the safe answer
         return chi_net * (mask > 0), {**record, "dc_model_used": "none (mask thinner than the harmonic sphere)"}
@@ -359,6 +399,7 @@ class DataConsistencyd(MapTransform):
         smv_radius_mm: float,
         inconsistency: float,
         test_iterations: int,
+        precond_weight: float | None,
     ) -> None:
         super().__init__(keys)
         if solver not in DC_SOLVERS:
@@ -383,6 +424,9 @@ class DataConsistencyd(MapTransform):
             raise InputError(f"dc_weight must be > 0 (null switches the refinement off), got {weight!r}")
         self.b0_direction = as_triplet(b0_direction, "b0_direction")
         self.pad, self.fill = pad, fill
+        self.precond_weight = as_float(precond_weight, "dc_precond_weight")
+        if self.precond_weight is not None and self.precond_weight <= 0:
+            raise InputError(f"dc_precond_weight must be > 0 (null: plain CG), got {precond_weight!r}")
 
     def __call__(self, data):
         d = dict(data)
@@ -398,6 +442,8 @@ class DataConsistencyd(MapTransform):
             record = {"dc_weight": self.weight, "voxel_size_mm": list(voxel), "b0_direction": [float(v) for v in b0]}
             if self.weight is not None:
                 record.update(dc_solver=self.solver, dc_iterations=self.iterations if self.solver == "cg" else None)
+                if self.solver == "cg":
+                    record["dc_precond_weight"] = self.precond_weight
                 op = DipoleOperator(chi.shape, voxel, b0, self.pad)
                 net_field = op.forward(chi * inside)
                 _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
@@ -415,6 +461,7 @@ class DataConsistencyd(MapTransform):
                         pad=self.pad,
                         fill=self.fill,
                         net_field=net_field,
+                        precond_weight=self.precond_weight,
                     )
                     record["dc_model_used"] = "support" if self.solver == "cg" else "closed_form"
                 else:
@@ -467,6 +514,7 @@ class DataConsistencyd(MapTransform):
                 iterations=self.iterations,
                 radius_mm=self.smv_radius_mm,
                 pad=CG_PAD,
+                precond_weight=self.precond_weight,
             )
             return chi, {"dc_model_used": "harmonic"}
         return auto_refinement(
@@ -483,4 +531,5 @@ class DataConsistencyd(MapTransform):
             radius_mm=self.smv_radius_mm,
             inconsistency=self.inconsistency,
             pad=CG_PAD,
+            precond_weight=self.precond_weight,
         )

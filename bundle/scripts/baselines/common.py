@@ -77,6 +77,30 @@ class Frame:
         """D ⊛ x on the padded grid (periodic), x real."""
         return self.op.convolve(x)
 
+    def fourier_preconditioner(
+        self, support: torch.Tensor, kernel: torch.Tensor, weight: float
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x ↦ S F⁻¹[F(S x) / (K² + ν)]: the inverse of the unmasked normal operator K² + ν, restricted to ``support``.
+
+        For a masked Tikhonov problem (S Kᵀ W K S + μS) χ = … this is exact where the mask covers the whole grid
+        (ν = μ) and a good approximation inside large masks: conjugate gradients with it needs a fraction of the
+        iterations. A ν somewhat larger than μ (measured: 10 μ) keeps the cone's poorly determined components from
+        dominating the first steps. SPD on the support, as CG requires.
+
+        Arguments:
+            support: padded (PX, PY, PZ) 0/1 float mask S.
+            kernel: the data term's Fourier multiplier K on the rfft half spectrum (e.g. ``self.D``).
+            weight: ν > 0.
+        """
+        if not weight > 0:
+            raise ValueError(f"preconditioner weight must be > 0, got {weight}")
+        symbol = kernel.square().add_(float(weight)).reciprocal_()
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            return self.ifft(self.fft(x * support).mul_(symbol)).mul_(support)
+
+        return apply
+
     def gradient_symbol(self) -> torch.Tensor:
         """Σ_i |E_i|² = Σ_i (2 − 2cos(2πn_i/N_i))/Δ_i² on the rfft half spectrum (the symbol of ∇ᵀ∇ = −Δ)."""
         out = torch.zeros_like(self.D)
@@ -222,24 +246,36 @@ def lsqr(
 
 
 def cg(
-    apply: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, x0: torch.Tensor, tol: float, maxiter: int
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    x0: torch.Tensor,
+    tol: float,
+    maxiter: int,
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Conjugate gradients for the SPD system apply(x) = rhs from x0; stops at ‖r‖ ≤ tol·‖rhs‖."""
+    """(Preconditioned) conjugate gradients for the SPD system apply(x) = rhs from x0; stops at ‖r‖ ≤ tol·‖rhs‖.
+
+    ``precond`` applies an SPD approximation of apply⁻¹ (e.g. :meth:`Frame.fourier_preconditioner`); ``None`` is
+    plain CG. With a preconditioner every iteration costs one more ``precond`` call and, where it approximates the
+    inverse well, far fewer iterations reach the same solution.
+    """
     x = x0.clone()
     r = rhs - apply(x)
-    p = r.clone()
-    rr = dot(r, r)
+    z = r if precond is None else precond(r)
+    p = z.clone()
+    rz = dot(r, z)
     stop = (tol * norm(rhs)) ** 2
     for _ in range(maxiter):
-        if rr <= stop:
+        if (rz if precond is None else dot(r, r)) <= stop or rz <= 0:
             break
         q = apply(p)
-        step = rr / dot(p, q)
+        step = rz / dot(p, q)
         x.add_(p, alpha=step)
         r.sub_(q, alpha=step)
-        rr_new = dot(r, r)
-        p = r.add(p, alpha=rr_new / rr)
-        rr = rr_new
+        z = r if precond is None else precond(r)
+        rz_new = dot(r, z)
+        p = z.add(p, alpha=rz_new / rz)
+        rz = rz_new
     return x
 
 

@@ -45,6 +45,7 @@ def masked_tikhonov(
     tol: float = 1e-4,
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
+    precond_weight: float | None = None,
 ) -> torch.Tensor:
     """Mask-weighted, support-constrained Tikhonov inversion, solved by conjugate gradients.
 
@@ -73,6 +74,8 @@ def masked_tikhonov(
         prior: χ_prior (ppm), (X, Y, Z); default 0.
         tol: CG stops at ‖r‖ ≤ tol·‖rhs‖.
         pad, dtype: as :func:`tkd` (zero padding per side, rounded up to fast FFT sizes).
+        precond_weight: ν of the Fourier preconditioner M F⁻¹(D² + ν)⁻¹F M
+            (:meth:`~scripts.baselines.common.Frame.fourier_preconditioner`); ``None``: plain CG.
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -103,7 +106,8 @@ def masked_tikhonov(
             raise ValueError(f"prior shape {tuple(p.shape)} differs from the field's {frame.shape}")
         x0 = frame.pad(p) * m
     rhs = frame.dipole(frame.b).mul_(m).add_(x0, alpha=lam)
-    return frame.result(cg(normal, rhs, x0, float(tol), int(iterations)))
+    precond = None if precond_weight is None else frame.fourier_preconditioner(m, frame.D, precond_weight)
+    return frame.result(cg(normal, rhs, x0, float(tol), int(iterations), precond))
 
 
 def ilsqr(
