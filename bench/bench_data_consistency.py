@@ -11,6 +11,7 @@ Usage (from the repository root; a random network is not meaningful, so a traine
 
     python bench/bench_data_consistency.py [--checkpoint bundle/models/model.pt] [--cases 3] [--shape 112 112 96]
         [--phantom random|brain] [--solvers closed_form cg] [--iterations 10 30] [--cg_pads 0.125 0.5]
+        [--precond_weights none 0.003]
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def main() -> None:
     parser.add_argument(
         "--cg_pads", type=float, nargs="+", default=[0.125], help="zero padding per side of the CG solver's grid"
     )
+    parser.add_argument(
+        "--precond_weights",
+        nargs="+",
+        default=["none"],
+        help="ν of the CG solver's Fourier preconditioner to try ('none': plain CG)",
+    )
     parser.add_argument("--json", default=None, help="write the table here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -97,9 +104,13 @@ def main() -> None:
     ]
     if "cg" in args.solvers:
         variants += [
-            (f"cg/{n}" + ("" if p == 0.125 else f"/pad{p:g}"), dict(solver="cg", iterations=n, cg_pad=p))
+            (
+                f"cg/{n}" + ("" if p == 0.125 else f"/pad{p:g}") + ("" if nu == "none" else f"/pcg{nu}"),
+                dict(solver="cg", iterations=n, cg_pad=p, precond_weight=None if nu == "none" else float(nu)),
+            )
             for n in args.iterations
             for p in args.cg_pads
+            for nu in args.precond_weights
         ]
     rows = []
     for name, seed, voxel, b0, shape in cases:
@@ -129,7 +140,7 @@ def main() -> None:
             )
         print(f"{name}-{seed}: network {seconds:.0f} s, NRMSE {rows[-len(entries)]['nrmse']:.1f} %", flush=True)
     print(
-        f"\n{'refinement':15s} {'mu':>6s} {'NRMSE %':>8s} {'HFEN %':>8s} {'‖r‖/‖b‖':>8s} {'s':>6s}"
+        f"\n{'refinement':24s} {'mu':>6s} {'NRMSE %':>8s} {'HFEN %':>8s} {'‖r‖/‖b‖':>8s} {'s':>6s}"
         f"   (mean over {len(cases)} cases)"
     )
     keys = list(dict.fromkeys((r["fill"], r["mu"]) for r in rows))
@@ -139,7 +150,7 @@ def main() -> None:
         m = {k: float(np.mean([r[k] for r in mine])) for k in ("nrmse", "hfen", "residual", "seconds")}
         summary.append({"fill": fill, "mu": mu, **m})
         label = "-" if mu is None else f"{mu:g}"
-        print(f"{fill:15s} {label:>6s} {m['nrmse']:8.2f} {m['hfen']:8.2f} {m['residual']:8.3f} {m['seconds']:6.1f}")
+        print(f"{fill:24s} {label:>6s} {m['nrmse']:8.2f} {m['hfen']:8.2f} {m['residual']:8.3f} {m['seconds']:6.1f}")
     for name in dict.fromkeys(r["case"] for r in rows):
         mine = [r for r in rows if r["case"] == name]
         print(name, " ".join(f"{r['fill']}/{r['mu']}:{r['nrmse']:.1f}" for r in mine))

@@ -10,7 +10,10 @@ against the true χ, seconds, and what ``auto`` decided (its inconsistency ratio
 
 Usage (from the repository root)::
 
-    python bench/bench_refinement.py --seeds 201 202 [--bfr pdf] [--iterations 60]
+    python bench/bench_refinement.py --seeds 201 202 [--bfr pdf] [--previous]
+
+Every solve uses ``inference.json``'s settings (iterations, preconditioner, test iterations); ``--previous`` also
+runs ``auto`` with the previous default (60 plain CG iterations, a 60-iteration shell test), in the same run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[201, 202])
     parser.add_argument("--bfr", default="pdf", choices=["pdf", "vsharp"])
     parser.add_argument("--snr", type=float, default=40.0)
+    parser.add_argument("--previous", action="store_true", help="also run auto with the previous default (60/60 CG)")
     args = parser.parse_args()
     config = ConfigParser()
     config.read_config(str(BUNDLE / "configs" / "inference.json"))
@@ -48,6 +52,7 @@ def main() -> None:
     net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True))
     dc = {k: config[k] for k in ("dc_weight", "dc_iterations", "dc_margin_mm", "dc_outside_weight")}
     dc.update({k: config[k] for k in ("dc_smv_radius_mm", "dc_inconsistency", "dc_test_iterations")})
+    dc["dc_precond_weight"] = config["dc_precond_weight"]
     print(f"refinement settings (inference.json): {json.dumps(dc)}; background removal {args.bfr}; SNR {args.snr:g}")
     rows = []
     for seed in args.seeds:
@@ -77,30 +82,38 @@ def main() -> None:
             with torch.inference_mode():
                 chi_net = CropSlidingWindowInferer(64, 8, 4)(b[None, None], net)[0, 0] * m
             score("network alone", chi_net, time.perf_counter() - start)
-            common = dict(prior=chi_net, iterations=dc["dc_iterations"], pad=CG_PAD)
+            pre = dc["dc_precond_weight"]
+            common = dict(prior=chi_net, iterations=dc["dc_iterations"], pad=CG_PAD, precond_weight=pre)
             start = time.perf_counter()
-            chi = masked_tikhonov(b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], prior=chi_net, pad=CG_PAD)
+            chi = masked_tikhonov(
+                b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], prior=chi_net, pad=CG_PAD, precond_weight=pre
+            )
             score("+ support model", chi, time.perf_counter() - start)
             start = time.perf_counter()
             chi = harmonic_tikhonov(b, m, dc["dc_weight"], voxel, b0, radius_mm=dc["dc_smv_radius_mm"], **common)
             score("+ harmonic model", chi, time.perf_counter() - start)
-            start = time.perf_counter()
-            chi, record = auto_refinement(
-                chi_net,
-                b,
-                m,
-                dc["dc_weight"],
-                voxel,
-                b0,
-                iterations=dc["dc_iterations"],
-                test_iterations=dc["dc_test_iterations"],
-                margin_mm=dc["dc_margin_mm"],
-                outside_weight=dc["dc_outside_weight"],
-                radius_mm=dc["dc_smv_radius_mm"],
-                inconsistency=dc["dc_inconsistency"],
-                pad=CG_PAD,
-            )
-            score("+ auto (default)", chi, time.perf_counter() - start, json.dumps(record))
+            settings = [("+ auto (default)", dc["dc_iterations"], dc["dc_test_iterations"], pre)]
+            if args.previous:
+                settings.append(("+ auto (previous: 60/60 CG)", 60, 60, None))
+            for name, iterations, test_iterations, weight in settings:
+                start = time.perf_counter()
+                chi, record = auto_refinement(
+                    chi_net,
+                    b,
+                    m,
+                    dc["dc_weight"],
+                    voxel,
+                    b0,
+                    iterations=iterations,
+                    test_iterations=test_iterations,
+                    margin_mm=dc["dc_margin_mm"],
+                    outside_weight=dc["dc_outside_weight"],
+                    radius_mm=dc["dc_smv_radius_mm"],
+                    inconsistency=dc["dc_inconsistency"],
+                    pad=CG_PAD,
+                    precond_weight=weight,
+                )
+                score(name, chi, time.perf_counter() - start, json.dumps(record))
     print(json.dumps(rows))
 
 

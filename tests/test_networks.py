@@ -82,6 +82,8 @@ def test_autocast_auto_follows_the_hardware():
     assert bf16_supported("cpu") is expected
     assert resolve_autocast(True, "cpu") is True and resolve_autocast(False, "cuda") is False
     assert bf16_supported("meta") is False
+    # MONAI's command line passes --autocast false on as the string "false"
+    assert resolve_autocast("false", "cpu") is False and resolve_autocast("True", "cpu") is True
     with pytest.raises(ValueError, match="'auto'"):
         QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)), autocast="bf16")
     net = QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)), autocast="auto")

@@ -48,9 +48,13 @@ def bf16_supported(device: str | torch.device) -> bool:
 
 
 def resolve_autocast(autocast: bool | str, device: str | torch.device) -> bool:
-    """``autocast`` as a bool: ``True``/``False`` as given, ``"auto"`` = :func:`bf16_supported` on ``device``."""
+    """``autocast`` as a bool: ``True``/``False`` as given (also as the strings ``"true"``/``"false"`` that MONAI's
+    command line passes on), ``"auto"`` = :func:`bf16_supported` on ``device``."""
     if isinstance(autocast, str):
-        if autocast.lower() != "auto":
+        text = autocast.strip().lower()
+        if text in ("true", "false"):
+            return text == "true"
+        if text != "auto":
             raise ValueError(f"autocast must be true, false or 'auto', got {autocast!r}")
         return bf16_supported(device)
     return bool(autocast)
