@@ -209,7 +209,9 @@ class QSMGenerator(nn.Module):
     def _backbone_eager(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=resolve_autocast(self.autocast, x.device)):
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()  # exported graphs stay float32
+        enabled = resolve_autocast(self.autocast, x.device) and not exporting
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled):
             out = self.backbone(x)
         return out.contiguous() if self.channels_last else out
 
