@@ -22,15 +22,11 @@ REPO = BUNDLE.parent
 TREE_LIMIT_BYTES = 48 * 2**20  # a GPU run carries at most 64 MiB of tracked tree; keep a margin
 
 
-def parsed(configs, key):
+def load_generator(name, estimate=None):
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
-    parser.update({"bundle_root": str(BUNDLE), "device": "$torch.device('cpu')"})
-    return parser.get_parsed_content(key)
-
-
-def load_generator(name):
-    net = parsed(["inference.json"], "network_def")
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "device": "$torch.device('cpu')", "estimate": estimate})
+    net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(MODELS / name, map_location="cpu", weights_only=True))  # strict
     return net.eval()
 
@@ -73,3 +69,24 @@ def test_shipped_generator_beats_tkd_on_a_held_out_case(generator):
     classical = nrmse(tkd(case["field"], mask), case["chi"], mask)
     assert ours < 0.9 * classical, (ours, classical)
     assert ours < 45.0
+
+
+def test_the_estimate_generator_loads_with_its_sidecar_and_beats_tkd():
+    """``model_tkd.pt`` (field + whole-volume TKD estimate, phase 1f) fits ``--estimate tkd``, is at most 16 MiB, has a
+    sidecar to resume from, and alone beats TKD on the held-out random-source case."""
+    import json
+
+    path = MODELS / "model_tkd.pt"
+    assert path.stat().st_size <= 16 * 2**20
+    side = json.loads((MODELS / "model_tkd.json").read_text())
+    assert side["weights"] == "model_tkd.pt" and side["estimate"] == "tkd" and side["iteration"] > 0
+    net = load_generator("model_tkd.pt", estimate="tkd")
+    assert net.in_channels == 2
+    with pytest.raises(RuntimeError):  # the field-only configuration refuses it
+        load_generator("model_tkd.pt")
+    case = simulate_case(RandomSourcePhantom(), (96, 96, 80), snr=40.0, seed=31337)
+    mask = case["mask"] > 0
+    with torch.inference_mode():
+        chi = CropSlidingWindowInferer(64, 8, sw_batch_size=2)(case["field"][None, None], net)[0, 0]
+    ours = nrmse(chi * mask, case["chi"], mask)
+    assert ours < 0.9 * nrmse(tkd(case["field"], mask), case["chi"], mask) and ours < 45.0, ours
