@@ -315,16 +315,17 @@ def auto_refinement(
         (χ (ppm), a record: ``residual_ratio_support``, ``residual_ratio_shell``, ``inconsistency_ratio``,
         ``data_inconsistent`` and ``dc_model_used``).
     """
-    chi_in = masked_tikhonov(
+    chi_in = data_consistency(
+        chi_net,
         field,
         mask,
+        weight,
         voxel_size,
         b0_direction,
-        weight,
-        iterations,
-        prior=chi_net,
+        solver="cg",
+        iterations=iterations,
         tol=tol,
-        pad=pad,
+        cg_pad=pad,
         precond_weight=precond_weight,
     )
     _, rho_in = dipole_residual(chi_in, field, mask, voxel_size, b0_direction, pad)
