@@ -188,13 +188,13 @@ class SyntheticPatchStream(IterableDataset):
         if given is None:
             if torch.rand(1, generator=gen).item() < self.mask_prob:
                 mask = mask & self._patch_mask(shape, gen).to(self.device)
-            chi = chi * mask
+        elif tuple(given.shape) != shape or tuple(chi.shape) != shape or tuple(mask.shape) != shape:
+            raise ValueError(f"a phantom's field, χ and mask must have the region's shape {shape}")
+        chi = chi * mask
+        if given is None:
             field = forward_field(chi, self.voxel_size, self.b0_direction, mask=mask, pad=self.pad)
         else:
-            if tuple(given.shape) != shape or tuple(chi.shape) != shape or tuple(mask.shape) != shape:
-                raise ValueError(f"a phantom's field, χ and mask must have the region's shape {shape}")
             field = given.to(device=self.device, dtype=torch.float32) * mask
-            chi = chi * mask
         c, p = self.context, self.patch_size
         inner = (slice(c, c + p),) * 3
         if self.prepare is None:  # field-only input: the patch's field, demeaned in its mask, noise on the patch

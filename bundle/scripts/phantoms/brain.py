@@ -1162,6 +1162,27 @@ class BrainPhantom:
         return rec
 
 
+def crop_centred(
+    volumes: Mapping[str, torch.Tensor], flat_centre: int, shape: Sequence[int], device=None
+) -> dict[str, torch.Tensor]:
+    """Crops of ``shape`` of same-shaped (X, Y, Z) volumes, centred on the voxel with flat index ``flat_centre``,
+    zero (False) beyond the volumes' grid; on ``device`` (default: where they are)."""
+    first = next(iter(volumes.values()))
+    centre = [int(c) for c in torch.unravel_index(torch.tensor(int(flat_centre)), tuple(first.shape))]
+    src, dst = [], []
+    for c, n, b in zip(centre, shape, first.shape):
+        start = c - int(n) // 2
+        s0, s1 = max(start, 0), min(start + int(n), b)
+        src.append(slice(s0, s1))
+        dst.append(slice(s0 - start, s1 - start))
+    out = {}
+    for key, volume in volumes.items():
+        crop = volume.new_zeros(tuple(int(n) for n in shape))
+        crop[tuple(dst)] = volume[tuple(src)]
+        out[key] = crop.to(device) if device is not None else crop
+    return out
+
+
 class BrainPatchPhantom(BrainPhantom):
     """Brain phantom for :class:`scripts.data.SyntheticPatchStream`: returns a χ tensor (ppm) of the requested
     ``shape`` cut from a whole simulated brain, centred on a random brain voxel at least about
@@ -1264,18 +1285,5 @@ class BrainPatchPhantom(BrainPhantom):
         else:
             chi, mask, centres = self.brain(int(torch.randint(self.pool_size, (), generator=gen)), voxel)
         flat = int(centres[int(torch.randint(len(centres), (), generator=gen))])
-        bshape = chi.shape
-        centre = [(flat // (bshape[1] * bshape[2])) % bshape[0], (flat // bshape[2]) % bshape[1], flat % bshape[2]]
-        out = torch.zeros(shape, dtype=torch.float32)
-        out_mask = torch.zeros(shape, dtype=torch.bool)
-        src, dst = [], []
-        for c, n, b in zip(centre, shape, bshape):
-            start = c - n // 2
-            s0, s1 = max(start, 0), min(start + n, b)
-            src.append(slice(s0, s1))
-            dst.append(slice(s0 - start, s1 - start))
-        out[tuple(dst)] = chi[tuple(src)]
-        out_mask[tuple(dst)] = mask[tuple(src)]
-        if device is not None:
-            out, out_mask = out.to(device), out_mask.to(device)
-        return {"chi": out, "mask": out_mask} if self.return_mask else out
+        out = crop_centred({"chi": chi.float(), "mask": mask}, flat, shape, device)
+        return out if self.return_mask else out["chi"]

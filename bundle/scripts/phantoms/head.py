@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .brain import BrainPhantom, _template, _u
+from .brain import BrainPhantom, _template, _u, crop_centred
 
 __all__ = [
     "HeadPhantom",
@@ -565,7 +565,7 @@ class RealisticHeadPatchPhantom:
         """Pool head ``index`` at ``voxel_size``, cached or simulated: ``{"chi", "field", "mask", "centres", "offset",
         "info"}``, the volumes cut to the brain mask's bounding box whose first voxel is ``offset`` on the head grid;
         ``centres`` are flat indices (in the box) of the crop-centre candidates."""
-        from scipy import ndimage
+        from ..background import erode_mask
 
         voxel = tuple(float(v) for v in voxel_size)
         key = (self.seed + int(index), voxel)
@@ -602,8 +602,7 @@ class RealisticHeadPatchPhantom:
         }
         bfr_seconds = float(case["bfr_seconds"])
         del case
-        depth = ndimage.distance_transform_edt(np.pad(item["mask"].numpy(), 1), sampling=voxel)[1:-1, 1:-1, 1:-1]
-        deep = torch.from_numpy(depth > self.centre_margin_mm) & item["mask"]
+        deep = erode_mask(item["mask"], voxel, self.centre_margin_mm)
         flat = torch.nonzero((deep if bool(deep.any()) else item["mask"]).flatten()).flatten()
         if len(flat) == 0:
             raise ValueError(f"the background-removal mask of head {index} is empty on this grid")
@@ -640,18 +639,4 @@ class RealisticHeadPatchPhantom:
         head = self.head(int(torch.randint(self.pool_size, (), generator=gen)), voxel_size, device=device)
         centres = head["centres"]
         flat = int(centres[int(torch.randint(len(centres), (), generator=gen))])
-        bshape = head["mask"].shape
-        centre = [(flat // (bshape[1] * bshape[2])) % bshape[0], (flat // bshape[2]) % bshape[1], flat % bshape[2]]
-        src, dst = [], []
-        for c, n, b in zip(centre, shape, bshape):
-            start = c - n // 2
-            s0, s1 = max(start, 0), min(start + n, b)
-            src.append(slice(s0, s1))
-            dst.append(slice(s0 - start, s1 - start))
-        src, dst = tuple(src), tuple(dst)
-        out = {}
-        for key, dtype in (("chi", torch.float32), ("field", torch.float32), ("mask", torch.bool)):
-            volume = torch.zeros(shape, dtype=dtype)
-            volume[dst] = head[key][src]
-            out[key] = volume.to(device) if device is not None else volume
-        return out
+        return crop_centred({key: head[key] for key in ("chi", "field", "mask")}, flat, shape, device)
