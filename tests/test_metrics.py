@@ -388,3 +388,23 @@ def test_tile_seam_ratio_bad_arguments():
     with pytest.raises(ValueError, match="shape mismatch"):
         M.tile_seam_ratio(chi, np.ones((10, 10, 9)), tile=4)
     assert math.isnan(M.tile_seam_ratio(chi, None, tile=4)["all"])  # no gradient at all
+
+
+def test_filtered_metrics_on_the_mask_box_equal_the_whole_volume():
+    """HFEN and XSIM/SSIM filter only the mask's bounding box grown by the filter's radius: a small mask off-centre
+    in a large volume (one face on the volume's border, where the boundary modes act) gives the whole-volume values
+    to rounding."""
+    from scripts.metrics import _hfen, _prepare, _ssim
+
+    rng = np.random.default_rng(3)
+    shape = (50, 44, 38)
+    mask = np.zeros(shape, bool)
+    mask[0:17, 20:31, 9:30] = rng.random((17, 11, 21)) > 0.2
+    truth = rng.standard_normal(shape)
+    pred = truth + 0.3 * rng.standard_normal(shape)
+    r, t, m = _prepare(pred, truth, mask)
+    assert _hfen(r, t, m) == pytest.approx(_hfen(r, t, m, crop=False), rel=1e-10)
+    for k2, dynamic_range in ((0.001, 1.0), (0.03, 4.0)):
+        assert _ssim(r, t, m, 0.01, k2, dynamic_range) == pytest.approx(
+            _ssim(r, t, m, 0.01, k2, dynamic_range, crop=False), rel=1e-10
+        )

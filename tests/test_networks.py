@@ -10,6 +10,7 @@ from scripts.networks import (
     bf16_supported,
     count_parameters,
     expand_input_channels,
+    fold_batchnorm,
     qsmgan_unet,
     resolve_autocast,
 )
@@ -93,6 +94,8 @@ def test_autocast_auto_follows_the_hardware():
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r"B, 1, X, Y, Z"):
         QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)))(torch.zeros(1, 64, 64, 64))
+    with pytest.raises(ValueError, match="multiples of 16"):  # the U-Net's skip connections would not match
+        QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4)))(torch.zeros(1, 1, 64, 40, 64))
     with pytest.raises(ValueError, match="too small"):
         CenterCrop3d(8)(torch.zeros(1, 1, 16, 32, 32))
     with pytest.raises(ValueError, match="margin"):
@@ -160,3 +163,32 @@ def test_inferer_gives_every_window_the_whole_region_estimate():
         tiled = CropSlidingWindowInferer(roi_size=24, margin=4, sw_batch_size=3)(field, net)
         whole = net.backbone(torch.cat([field * 10, net.prepare_input(field)[:, 1:] * 10], 1)) / 10
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_batchnorm_is_the_same_network(channels_last):
+    """fold_batchnorm: a copy whose convolutions absorbed the BatchNorms that follow them (running statistics and
+    affine parameters made non-trivial here), giving the eval-mode map to float32 rounding with no BatchNorm left;
+    the original keeps its BatchNorms, the copy its memory layout. A network in training mode is refused."""
+    torch.manual_seed(0)
+    net = QSMGenerator(features=(4, 4, 8, 8, 8, 4), channels_last=channels_last)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(net)
+    net.eval()
+    folded = fold_batchnorm(net)
+    x = torch.randn(2, 1, 32, 32, 32) * 0.05
+    with torch.no_grad():
+        want, got = net(x), folded(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), float((got - want).abs().max())
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in net.modules()) == 18  # 9 blocks × 2 convolutions
+    if channels_last:
+        convs = [m for m in folded.modules() if isinstance(m, nn.Conv3d)]
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)

@@ -289,32 +289,43 @@ def dense_refinement(field, mask, prior, weight, voxel, b0, grid):
 # Even padded sizes with an oblique B0 leave D(k) ≠ D(−k) on the Nyquist planes (±k_N alias), where a full complex
 # FFT (the reference) and a real FFT (the bundle) legitimately disagree; oblique B0 is therefore checked on odd
 # padded grids (voxel-count padding), axis-aligned B0 on the fractional paddings inference uses.
-PADDED_CASES = [  # shape, cg_pad (None: data_consistency's default, what inference runs), B0, padded grid
-    ((8, 8, 6), None, (0.0, 0.0, 1.0), (10, 10, 8)),
-    ((8, 8, 6), 0.5, (0.0, 0.0, 1.0), (16, 16, 12)),
-    ((7, 7, 5), (1, 1, 2), (0.2, 0.1, 0.97), (9, 9, 9)),
+PADDED_CASES = [  # shape, cg_pad (None: data_consistency's default, what inference runs), B0, crop, padded grid
+    ((8, 8, 6), None, (0.0, 0.0, 1.0), False, (10, 10, 8)),
+    ((8, 8, 6), 0.5, (0.0, 0.0, 1.0), False, (16, 16, 12)),
+    ((7, 7, 5), (1, 1, 2), (0.2, 0.1, 0.97), False, (9, 9, 9)),
+    # on the mask's box (6, 6, 4) = the inner voxels: voxel counts around the box; the default fraction: per axis the
+    # smaller of the whole grid's (10, 10, 8) and the box padded by 3/8 of its size (12, 12, 8)
+    ((8, 8, 6), (1, 2, 1), (0.0, 0.0, 1.0), True, (8, 10, 6)),
+    ((8, 8, 6), None, (0.0, 0.0, 1.0), True, (10, 10, 8)),
 ]
 
 
-@pytest.mark.parametrize("shape, cg_pad, b0, padded", PADDED_CASES)
-def test_padded_cg_refinement_matches_a_dense_solve(shape, cg_pad, b0, padded):
-    """The path inference takes (solver "cg", zero padding rounded up to fast FFT sizes) on grids of a few hundred
-    voxels, against the dense normal equations built column by column with the numpy reference on the same padded
-    grid and solved by numpy.linalg.solve. test_baselines' dense check covers only pad = 0; a wrong padded size,
-    a crop off by one voxel or a prior handled wrongly would all show here."""
+@pytest.mark.parametrize("shape, cg_pad, b0, crop, padded", PADDED_CASES)
+def test_padded_cg_refinement_matches_a_dense_solve(shape, cg_pad, b0, crop, padded):
+    """The path inference takes (solver "cg", zero padding rounded up to fast FFT sizes, optionally on the mask's
+    bounding box) on grids of a few hundred voxels, against the dense normal equations built column by column with
+    the numpy reference on the same padded grid (around the box: the box's voxels only) and solved by
+    numpy.linalg.solve. test_baselines' dense check covers only pad = 0; a wrong padded size, a crop off by one voxel,
+    a box in the wrong place or a prior handled wrongly would all show here."""
     voxel, weight = (1.0, 1.1, 1.3), 0.01
     rng = np.random.default_rng(7)
     mask = np.zeros(shape, dtype=bool)
     inner = tuple(slice(1, n - 1) for n in shape)
     mask[inner] = rng.random(tuple(n - 2 for n in shape)) > 0.15
+    assert all(mask.any(axis=tuple(a for a in range(3) if a != i))[[1, -2]].all() for i in range(3))  # box = inner
     field = rng.standard_normal(shape) * 0.05 * mask
     prior = rng.standard_normal(shape) * 0.1 * mask
+    region = inner if crop else tuple(slice(0, n) for n in shape)
+    extent = [r.stop - r.start for r in region]
     if cg_pad is None or isinstance(cg_pad, float):
         grid = ref.padded_shape(shape, 0.125 if cg_pad is None else cg_pad)
+        if crop:
+            grid = tuple(min(g, o) for g, o in zip(grid, ref.padded_shape(tuple(extent), 0.375)))
     else:
-        grid = tuple(n + 2 * p for n, p in zip(shape, cg_pad))
+        grid = tuple(n + 2 * p for n, p in zip(extent, cg_pad))
     assert grid == padded
-    want = dense_refinement(field, mask, prior, weight, voxel, b0, grid)
+    want = np.zeros(shape)
+    want[region] = dense_refinement(field[region], mask[region], prior[region], weight, voxel, b0, grid)
     kw = {} if cg_pad is None else {"cg_pad": cg_pad}
     got = (
         data_consistency(
@@ -327,6 +338,7 @@ def test_padded_cg_refinement_matches_a_dense_solve(shape, cg_pad, b0, padded):
             solver="cg",
             iterations=500,
             tol=1e-7,
+            crop_to_mask=crop,
             **kw,
         )
         .double()
@@ -335,7 +347,8 @@ def test_padded_cg_refinement_matches_a_dense_solve(shape, cg_pad, b0, padded):
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 2e-3, err
     # the dense solution on the unpadded (periodic) grid is measurably different: the test sees the padding
-    periodic = dense_refinement(field, mask, prior, weight, voxel, b0, shape)
+    periodic = np.zeros(shape)
+    periodic[region] = dense_refinement(field[region], mask[region], prior[region], weight, voxel, b0, tuple(extent))
     assert np.abs(periodic - want).max() / np.abs(want).max() > 20 * max(err, 1e-4)
 
 

@@ -186,7 +186,8 @@ def vsharp(
     # the padded grid, its FFTs and the SMV symbol are the inversion frame's (scripts.baselines.common.Frame, on
     # physics.DipoleOperator); its field is b demeaned in M and zero outside: the constant is harmonic and filtered out
     margin = [int(math.ceil(radii[0] / d)) + 1 for d in voxel]
-    frame = Frame(b, m, voxel, b0_direction if b0_direction is not None else (0.0, 0.0, 1.0), margin, dtype, b.device)
+    b0 = b0_direction if b0_direction is not None else (0.0, 0.0, 1.0)
+    frame = Frame(b, m, voxel, b0, margin, dtype, b.device, crop_to_mask=False)  # filtered on the whole grid
     spectrum = frame.fft(frame.b)
 
     filtered = torch.zeros_like(b)

@@ -13,11 +13,14 @@ that a 64³ field patch alone cannot. With ``residual=True`` the backbone predic
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import BasicUNet
+from monai.networks.nets.basic_unet import UpCat
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .baselines import tkd
 
@@ -27,6 +30,7 @@ __all__ = [
     "QSMCritic",
     "qsmgan_unet",
     "expand_input_channels",
+    "fold_batchnorm",
     "count_parameters",
     "bf16_supported",
     "resolve_autocast",
@@ -187,6 +191,8 @@ class QSMGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or (x.shape[1] != 1 and x.shape[1] != self.in_channels):
             raise ValueError(f"expected a (B, {self.in_channels}, X, Y, Z) input, got shape {list(x.shape)}")
+        if isinstance(self.backbone, BasicUNet) and (x.shape[2] % 16 or x.shape[3] % 16 or x.shape[4] % 16):
+            raise ValueError(f"spatial sizes must be multiples of 16 (four 2× poolings), got {list(x.shape[2:])}")
         if x.shape[1] != self.in_channels:  # a bare field patch: estimate on the patch (see Shapes)
             if torch.jit.is_scripting():
                 raise ValueError("a TorchScript generator needs its estimate channel in the input (prepare_input)")
@@ -244,8 +250,13 @@ def qsmgan_unet(
     norm: str = "batch",
     in_channels: int = 1,
 ) -> BasicUNet:
-    """The QSMGAN U-Net backbone: 4 levels of 2 × [Conv3d 3³ → ``norm`` → LeakyReLU(``negative_slope``)]."""
-    return BasicUNet(
+    """The QSMGAN U-Net backbone: 4 levels of 2 × [Conv3d 3³ → ``norm`` → LeakyReLU(``negative_slope``)].
+
+    Its inputs are multiples of 16 (:class:`QSMGenerator` checks), so the decoder's skip connections always match
+    and BasicUNet's replicate padding of odd sizes (a zero-width pad that still copied every up-sampled activation:
+    18 % of a 64³ window's time on a CPU, measured by ``bench/bench_inference.py``) is switched off.
+    """
+    net = BasicUNet(
         spatial_dims=3,
         in_channels=int(in_channels),
         out_channels=1,
@@ -253,6 +264,38 @@ def qsmgan_unet(
         act=("LeakyReLU", {"negative_slope": negative_slope, "inplace": True}),
         norm=norm,
     )
+    for module in net.modules():
+        if isinstance(module, UpCat):
+            module.is_pad = False
+    return net
+
+
+def fold_batchnorm(network: nn.Module) -> nn.Module:
+    """An inference copy of ``network`` (in eval mode) with every BatchNorm that directly follows a convolution
+    folded into that convolution's weights and bias (MONAI's ``Convolution`` blocks: ``conv`` then ``adn`` with the
+    norm ``N`` first). The same function to float32 rounding, one pass over the activations less per block (13 % of
+    a CPU window). The original is not modified; its memory format (channels-last) is kept.
+
+    Raises:
+        ValueError: the network is in training mode (BatchNorm then uses batch statistics, which do not fold).
+    """
+    if network.training:
+        raise ValueError("fold_batchnorm needs a network in eval mode: BatchNorm's running statistics are folded")
+    folded = copy.deepcopy(network)
+    for module in folded.modules():
+        conv, adn = getattr(module, "conv", None), getattr(module, "adn", None)
+        if not isinstance(conv, nn.Conv3d) or not isinstance(adn, nn.Sequential) or "N" not in adn._modules:
+            continue
+        norm = adn._modules["N"]
+        if next(iter(adn._modules)) != "N" or not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            continue  # not conv → norm: nothing to fold
+        channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        fused = fuse_conv_bn_eval(conv, norm)
+        if channels_last:
+            fused = fused.to(memory_format=torch.channels_last_3d)
+        module.conv = fused
+        adn._modules["N"] = nn.Identity()
+    return folded
 
 
 class QSMCritic(nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -99,6 +100,7 @@ def data_consistency(
     tol: float = 1e-4,
     cg_pad: float | Sequence[int] = CG_PAD,
     precond_weight: float | None = None,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """Data-consistency refinement of a network's χ (all in ppm): χ close to χ_net whose field matches b.
 
@@ -127,6 +129,7 @@ def data_consistency(
         solver: ``"cg"`` or ``"closed_form"``; iterations: CG iterations, needed by ``"cg"`` (``inference.json``
             sets both).
         precond_weight: ``"cg"``: ν of the Fourier preconditioner (``None``: plain CG).
+        crop_to_mask: ``"cg"``: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`).
         pad: closed form: zero padding per side (fraction or voxel counts).
         net_field: closed form only: D⊛χ_net if already computed (same padding).
 
@@ -152,6 +155,7 @@ def data_consistency(
             tol=tol,
             pad=cg_pad,
             precond_weight=precond_weight,
+            crop_to_mask=crop_to_mask,
         ).to(chi_net.device)
     inside = mask > 0
     op = DipoleOperator(chi_net.shape[-3:], voxel_size, b0_direction, pad, device=chi_net.device)
@@ -195,6 +199,7 @@ def margin_tikhonov(
     tol: float = 1e-4,
     precond_weight: float | None = None,
     start: torch.Tensor | None = None,
+    crop_to_mask: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """The support-constrained refinement with sources also allowed in a shell of ``margin_mm`` outside the mask.
 
@@ -207,17 +212,20 @@ def margin_tikhonov(
         precond_weight: ν of the Fourier preconditioner on the grown support (``None``: plain CG).
         start: CG's starting χ (ppm, (X, Y, Z), inside the mask; default the prior), e.g. the support model's
             solution, so that the iterations go to the shell's sources.
+        crop_to_mask: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`); the shell then
+            lies in the box's zero padding, widened where needed to hold it.
 
     Returns:
         (χ inside the mask (ppm), ‖P(D⊛χ) − b‖/‖b‖ with the shell's sources included).
     """
-    frame = Frame(field, mask, voxel_size, b0_direction, pad)
-    m = frame.m.float()
+    room = [math.ceil(margin_mm / d) + 1 for d in voxel_size]  # the shell lies in the zero padding around the box
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask, min_pad=room)
+    m = frame.mf
     shell_support = dilate_mask(frame.m, frame.voxel, margin_mm).float()
     reg = torch.where(frame.m, torch.tensor(float(weight)), torch.tensor(float(outside_weight))) * shell_support
 
     def residual_field(x: torch.Tensor) -> torch.Tensor:  # P(D⊛(S x))
-        return demean_in_mask(frame.dipole(x * shell_support), frame.m, inplace=True)
+        return frame.project(frame.dipole(x * shell_support))
 
     def normal(x: torch.Tensor) -> torch.Tensor:
         return frame.dipole(residual_field(x)).mul_(shell_support).add_(reg * x)
@@ -245,6 +253,7 @@ def harmonic_tikhonov(
     pad: float | Sequence[int],
     tol: float = 1e-4,
     precond_weight: float | None = None,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """Refinement with a data term blind to harmonic fields: the background remnants of any removal method.
 
@@ -255,15 +264,16 @@ def harmonic_tikhonov(
     non-harmonic part. The price: the harmonic part of the local field (low spatial frequencies) comes from the
     prior, not from the data. (δ − s_r)D is one Fourier multiplier, so an iteration costs what the support model's
     does. ``precond_weight``: ν of the Fourier preconditioner M F⁻¹(|(1 − s_r)D|² + ν)⁻¹F M (``None``: plain CG).
+    ``crop_to_mask``: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`).
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
     """
-    frame = Frame(field, mask, voxel_size, b0_direction, pad)
-    m = frame.m.float()
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask)
+    m = frame.mf
     high_pass = 1.0 - frame.smv_symbol(radius_mm)
     kernel = frame.D * high_pass
-    trusted = frame.pad(erode_mask(frame.crop(frame.m), frame.voxel, radius_mm)).float()
+    trusted = frame.op.pad(erode_mask(frame.crop(frame.m), frame.voxel, radius_mm)).float()
     if not bool(trusted.any()):
         raise EmptyDataTerm(f"no voxel of the mask is {radius_mm} mm from its border: the harmonic data term is empty")
 
@@ -297,6 +307,7 @@ def auto_refinement(
     pad: float | Sequence[int],
     tol: float = 1e-4,
     precond_weight: float | None = None,
+    crop_to_mask: bool = True,
 ) -> tuple[torch.Tensor, dict]:
     """The default refinement: the support model where the data are a local field of sources inside the mask, the
     harmonic model where they are not.
@@ -309,7 +320,8 @@ def auto_refinement(
     would explain it with χ inside the mask (the error the refinement must never make), so the harmonic model
     (:func:`harmonic_tikhonov`), blind to such fields, refines χ instead, and the case is flagged. Every solve uses
     the Fourier preconditioner with ``precond_weight`` ν (``None``: plain CG); the shell fit starts from the support
-    model's χ, so its iterations go to what the shell's sources add.
+    model's χ, so its iterations go to what the shell's sources add. ``crop_to_mask``: every solve on the mask's
+    bounding box (:class:`~scripts.baselines.common.Frame`).
 
     Returns:
         (χ (ppm), a record: ``residual_ratio_support``, ``residual_ratio_shell``, ``inconsistency_ratio``,
@@ -327,8 +339,10 @@ def auto_refinement(
         tol=tol,
         cg_pad=pad,
         precond_weight=precond_weight,
+        crop_to_mask=crop_to_mask,
     )
-    _, rho_in = dipole_residual(chi_in, field, mask, voxel_size, b0_direction, pad)
+    # the support fit's residual in its own model (box and padding), as the shell fit's below
+    rho_in = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask).residual_ratio(chi_in)
     _, rho_shell = margin_tikhonov(
         field,
         mask,
@@ -343,6 +357,7 @@ def auto_refinement(
         tol=tol,
         precond_weight=precond_weight,
         start=chi_in,
+        crop_to_mask=crop_to_mask,
     )
     ratio = rho_in / max(rho_shell, 1e-12)
     record = {
@@ -365,6 +380,7 @@ def auto_refinement(
             radius_mm=radius_mm,
             pad=pad,
             precond_weight=precond_weight,
+            crop_to_mask=crop_to_mask,
         )
     except EmptyDataTerm:  # no voxel deep enough inside the mask: the network's χ is the safe answer
         return chi_net * (mask > 0), {**record, "dc_model_used": "none (mask thinner than the harmonic sphere)"}
@@ -401,6 +417,7 @@ class DataConsistencyd(MapTransform):
         inconsistency: float,
         test_iterations: int,
         precond_weight: float | None,
+        crop_to_mask: bool = True,
     ) -> None:
         super().__init__(keys)
         if solver not in DC_SOLVERS:
@@ -425,6 +442,7 @@ class DataConsistencyd(MapTransform):
             raise InputError(f"dc_weight must be > 0 (null switches the refinement off), got {weight!r}")
         self.b0_direction = as_triplet(b0_direction, "b0_direction")
         self.pad, self.fill = pad, fill
+        self.crop_to_mask = bool(crop_to_mask)
         self.precond_weight = as_float(precond_weight, "dc_precond_weight")
         if self.precond_weight is not None and self.precond_weight <= 0:
             raise InputError(f"dc_precond_weight must be > 0 (null: plain CG), got {precond_weight!r}")
@@ -463,6 +481,7 @@ class DataConsistencyd(MapTransform):
                         fill=self.fill,
                         net_field=net_field,
                         precond_weight=self.precond_weight,
+                        crop_to_mask=self.crop_to_mask,
                     )
                     record["dc_model_used"] = "support" if self.solver == "cg" else "closed_form"
                 else:
@@ -516,6 +535,7 @@ class DataConsistencyd(MapTransform):
                 radius_mm=self.smv_radius_mm,
                 pad=CG_PAD,
                 precond_weight=self.precond_weight,
+                crop_to_mask=self.crop_to_mask,
             )
             return chi, {"dc_model_used": "harmonic"}
         return auto_refinement(
@@ -533,4 +553,5 @@ class DataConsistencyd(MapTransform):
             inconsistency=self.inconsistency,
             pad=CG_PAD,
             precond_weight=self.precond_weight,
+            crop_to_mask=self.crop_to_mask,
         )

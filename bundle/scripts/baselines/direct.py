@@ -39,6 +39,7 @@ def tkd(
     *,
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """Truncated k-space division (TKD).
 
@@ -58,6 +59,8 @@ def tkd(
         pad: zero padding per side, fraction of each dimension (rounded up to a fast FFT size) or 3 voxel counts;
             0 for none (exactly periodic).
         dtype: computation dtype (float32 default).
+        crop_to_mask: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`: the same result
+            where the field of view is tight, smaller FFTs where it is not); ``False``: the whole input grid.
 
     Returns:
         χ (ppm), (X, Y, Z) tensor on the field's device, 0 outside the mask.
@@ -68,7 +71,7 @@ def tkd(
         Wharton S, Schäfer A, Bowtell R. Susceptibility mapping in the human brain using threshold-based k-space
         division. Magn Reson Med 2010;63:1292–1304.
     """
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
     chi = frame.ifft(_truncated_inverse(frame, threshold, "sign") * frame.fft(frame.b))
     return frame.result(chi)
 
@@ -82,6 +85,7 @@ def tsvd(
     *,
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """Truncated SVD (what SEPIA calls TKD).
 
@@ -98,7 +102,7 @@ def tsvd(
         threshold: δ; TSVD wants a lower threshold than TKD: 0.07 here (``docs/baselines.md``).
 
     Keywords:
-        pad, dtype: as :func:`tkd`.
+        pad, dtype, crop_to_mask: as :func:`tkd`.
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -107,7 +111,7 @@ def tsvd(
         Wharton S, Schäfer A, Bowtell R. Magn Reson Med 2010;63:1292–1304.
         Chan KS, Marques JP. SEPIA — Susceptibility mapping pipeline tool for phase images. NeuroImage 2021;227:117611.
     """
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
     chi = frame.ifft(_truncated_inverse(frame, threshold, "zero") * frame.fft(frame.b))
     return frame.result(chi)
 
@@ -125,6 +129,7 @@ def tikhonov(
     *,
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """Closed-form Tikhonov (L2-regularised) dipole inversion.
 
@@ -142,7 +147,7 @@ def tikhonov(
         reg: ``"identity"`` (default: the best of the three here), ``"gradient"`` (Bilgic 2014) or ``"laplacian"``.
 
     Keywords:
-        pad, dtype: as :func:`tkd`.
+        pad, dtype, crop_to_mask: as :func:`tkd`.
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -159,7 +164,7 @@ def tikhonov(
         lam = TIKHONOV_DEFAULT_LAMBDA[reg]
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
     D = frame.D
     if reg == "identity":
         gamma = torch.ones_like(D)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..physics import demean_in_mask
 from .common import (
     DEFAULT_PAD,
     Frame,
@@ -46,6 +45,7 @@ def masked_tikhonov(
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
     precond_weight: float | None = None,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """Mask-weighted, support-constrained Tikhonov inversion, solved by conjugate gradients.
 
@@ -76,6 +76,8 @@ def masked_tikhonov(
         pad, dtype: as :func:`tkd` (zero padding per side, rounded up to fast FFT sizes).
         precond_weight: ν of the Fourier preconditioner M F⁻¹(D² + ν)⁻¹F M
             (:meth:`~scripts.baselines.common.Frame.fourier_preconditioner`); ``None``: plain CG.
+        crop_to_mask: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`; ``False``: on the
+            whole input grid, as before 2026-12-06: the same problem on larger FFTs).
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -90,20 +92,20 @@ def masked_tikhonov(
         raise ValueError(f"lam must be > 0, got {lam}")
     if int(iterations) < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)  # b demeaned in the mask, zero outside
-    m = frame.m.to(dtype)
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)  # b: local field
+    m = frame.mf
 
     def normal(x: torch.Tensor) -> torch.Tensor:
         xm = x * m
-        local = demean_in_mask(frame.dipole(xm), frame.m, inplace=True)  # P: inside the mask, minus its mean there
+        local = frame.project(frame.dipole(xm))  # P: inside the mask, minus its mean there
         return frame.dipole(local).mul_(m).add_(xm, alpha=lam)
 
     if prior is None:
         x0 = torch.zeros_like(m)
     else:
         p = as_volume(prior, "prior", dtype, frame.device)
-        if tuple(p.shape) != frame.shape:
-            raise ValueError(f"prior shape {tuple(p.shape)} differs from the field's {frame.shape}")
+        if tuple(p.shape) != frame.full_shape:
+            raise ValueError(f"prior shape {tuple(p.shape)} differs from the field's {frame.full_shape}")
         x0 = frame.pad(p) * m
     rhs = frame.dipole(frame.b).mul_(m).add_(x0, alpha=lam)
     precond = None if precond_weight is None else frame.fourier_preconditioner(m, frame.D, precond_weight)
@@ -128,6 +130,7 @@ def ilsqr(
     normal_equations: bool = False,
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """iLSQR: LSQR dipole inversion with estimation and removal of its streaking artefacts (Li et al. 2015).
 
@@ -166,7 +169,7 @@ def ilsqr(
         normal_equations: step 1 on the normal equations (see above; default False).
         laplacian_percentiles: (60, 99.9); gradient_percentiles: (50, 70); cone_threshold: 0.1;
         smv_radius_mm: 3; tkd_threshold: 1/8 (all Li 2015).
-        pad, dtype: as :func:`tkd`.
+        pad, dtype, crop_to_mask: as :func:`tkd`.
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -179,7 +182,7 @@ def ilsqr(
         Paige CC, Saunders MA. LSQR: an algorithm for sparse linear equations and sparse least squares. ACM Trans
         Math Softw 1982;8:43–71.
     """
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
     voxel, D, m, b = frame.voxel, frame.D, frame.m, frame.b
     mf = m.to(dtype)
 

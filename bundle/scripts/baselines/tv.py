@@ -27,6 +27,7 @@ def tv_admm(
     tol: float = 1e-3,
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """Total-variation dipole inversion by ADMM with a closed-form χ update (Bilgic et al. 2014).
 
@@ -50,7 +51,7 @@ def tv_admm(
 
     Keywords:
         tol: stop when ‖χ_k − χ_{k−1}‖/‖χ_k‖ < tol (checked every 5 iterations).
-        pad, dtype: as :func:`tkd`.
+        pad, dtype, crop_to_mask: as :func:`tkd`.
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -66,7 +67,7 @@ def tv_admm(
     rho = 100.0 * lam if rho is None else float(rho)
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
     voxel, D = frame.voxel, frame.D
     data = D * frame.fft(frame.b)
     denom = D * D + rho * frame.gradient_symbol()
@@ -107,6 +108,7 @@ def medi_tv(
     start_lam: float = 1e-2,
     pad: float | Sequence[int] = DEFAULT_PAD,
     dtype: torch.dtype = torch.float32,
+    crop_to_mask: bool = True,
 ) -> torch.Tensor:
     """MEDI-style inversion: TV with a data term weighted by the mask, solved by Gauss–Newton/CG (linear MEDI).
 
@@ -143,7 +145,7 @@ def medi_tv(
         epsilon: ε (ppm/mm) of the lagged-diffusivity weights.
         tol: outer stopping tolerance.
         start_lam: λ of the Tikhonov start.
-        pad, dtype: as :func:`tkd`.
+        pad, dtype, crop_to_mask: as :func:`tkd`.
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -162,7 +164,7 @@ def medi_tv(
         edge_fraction = 0.3 if magnitude is not None else 0.0
     if not 0 <= edge_fraction < 1:
         raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction}")
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype)
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
     voxel, D, m, b = frame.voxel, frame.D, frame.m, frame.b
     mf = m.to(dtype)
     chi = frame.ifft(D / (D * D + start_lam) * frame.fft(b)) * mf
