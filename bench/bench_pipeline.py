@@ -35,10 +35,13 @@ Cases: ``demo``, inference.json's demo (160×192×160 1 mm brain, four microblee
 brain of 168×200×176 (:class:`scripts.phantoms.BrainPhantom`, seed 10001, SNR 40) simulated once in setup (not
 timed) and given as files, ``--field F --mask M``, as a user would (its truth stays with the benchmark).
 
-Settings: ``previous`` is the default before commit e3dcbfe (60 plain CG iterations, the shell test also 60, float32
-network, no overlapping tiles): ``--dc_iterations 60 --dc_test_iterations 60 --dc_precond_weight null --autocast
-False --sw_overlap 0`` (``False`` capitalised: the command line passes ``false`` on as a string, which the network
-refuses); ``current`` is ``configs/inference.json`` as it is.
+Settings: ``previous`` is the default of commit ada0b9f as far as settings switch it: the refinement on the whole
+input grid and BatchNorm not folded into the convolutions (``--dc_crop_to_mask False --fold_batchnorm False``;
+``False`` capitalised: the command line passes ``false`` on as a string). The code-level changes of commit 610001d
+(BLAS reductions in the CG, no zero-width pads in the U-Net's decoder) run in both; to time commit ada0b9f itself,
+run its command line from a worktree (``git worktree add /tmp/prev ada0b9f``; the model card quotes both).
+``current`` is ``configs/inference.json`` as it is. (Until commit 610001d ``previous`` was the default before commit
+e3dcbfe: ``--dc_iterations 60 --dc_test_iterations 60 --dc_precond_weight null --autocast False --sw_overlap 0``.)
 
 Maps: both written χ NIfTIs of the first repeat are read back: max |Δχ| and RMS Δχ in the mask (ppm), the same for
 the network alone (before the refinement, kept in memory from the in-process run), NRMSE (%) and XSIM of each
@@ -87,14 +90,8 @@ from scripts.metrics import nrmse, xsim  # noqa: E402
 from scripts.networks import bf16_supported  # noqa: E402
 from scripts.phantoms import BrainPhantom, RandomSourcePhantom  # noqa: E402
 
-#: The default before commit e3dcbfe, as command-line overrides of inference.json.
-PREVIOUS: dict[str, object] = {
-    "dc_iterations": 60,
-    "dc_test_iterations": 60,
-    "dc_precond_weight": None,
-    "autocast": False,
-    "sw_overlap": 0,
-}
+#: The default of commit ada0b9f, as far as command-line overrides of inference.json switch it.
+PREVIOUS: dict[str, object] = {"dc_crop_to_mask": False, "fold_batchnorm": False}
 SETTINGS: dict[str, dict[str, object]] = {"previous": PREVIOUS, "current": {}}
 
 STAGES = (

@@ -321,3 +321,28 @@ def test_the_configs_wire_sw_overlap_to_the_inferer():
     train = ConfigParser()
     train.read_config(str(BUNDLE / "configs" / "train.json"))
     assert train.get_parsed_content("inferer").stride == 48
+    # BatchNorm folding: on in inference (bench/bench_pipeline.py), off in the training's validation inferer; the
+    # command line's "false" string switches it off
+    assert parser["fold_batchnorm"] is True and parser.get_parsed_content("inferer").fold_batchnorm is True
+    assert train.get_parsed_content("inferer").fold_batchnorm is False
+    parser["fold_batchnorm"] = "false"
+    assert parser.get_parsed_content("inferer", lazy=False).fold_batchnorm is False
+
+
+def test_inferer_with_folded_batchnorm_gives_the_same_map():
+    """fold_batchnorm=True runs a folded copy of an eval-mode generator: the stitched map equals the unfolded one
+    to float32 rounding, and the network given to the inferer keeps its BatchNorms."""
+    torch.manual_seed(1)
+    net = QSMGenerator(features=(4, 4, 8, 8, 8, 4))
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    field = torch.randn(1, 1, 40, 52, 36) * 0.05
+    with torch.no_grad():
+        want = CropSlidingWindowInferer(32, 8, 2)(field, net)
+        got = CropSlidingWindowInferer(32, 8, 2, fold_batchnorm=True)(field, net)
+    assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max())), float((got - want).abs().max())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())

@@ -31,7 +31,7 @@ from monai.inferers import Inferer
 from monai.utils import BlendMode
 
 from .baselines import tkd
-from .checks import case_info, output_stem
+from .checks import as_bool, case_info, output_stem
 from .metrics import hfen, nrmse, xsim
 from .networks import fold_batchnorm
 from .physics import b0_direction_from_affine, voxel_size_from_affine
@@ -143,7 +143,7 @@ class CropSlidingWindowInferer(Inferer):
         self.sw_device = sw_device
         self.skip_empty = bool(skip_empty)
         self.progress = bool(progress)
-        self.fold_batchnorm = bool(fold_batchnorm)
+        self.fold_batchnorm = as_bool(fold_batchnorm, "fold_batchnorm")
 
     def tile_counts(self, spatial_shape: Sequence[int]) -> list[int]:
         """Output tiles along each axis: enough tiles at ``stride`` for the last one to reach the volume's end."""

@@ -25,7 +25,7 @@ from monai.transforms import MapTransform
 from .background import dilate_mask, erode_mask
 from .baselines.common import Frame, cg
 from .baselines.iterative import masked_tikhonov
-from .checks import INFO_KEY, InputError, as_float, as_triplet, case_info, output_stem
+from .checks import INFO_KEY, InputError, as_bool, as_float, as_triplet, case_info, output_stem
 from .physics import DipoleOperator, b0_direction_from_affine, demean_in_mask, masked_mean, voxel_size_from_affine
 
 __all__ = [
@@ -442,7 +442,7 @@ class DataConsistencyd(MapTransform):
             raise InputError(f"dc_weight must be > 0 (null switches the refinement off), got {weight!r}")
         self.b0_direction = as_triplet(b0_direction, "b0_direction")
         self.pad, self.fill = pad, fill
-        self.crop_to_mask = bool(crop_to_mask)
+        self.crop_to_mask = as_bool(crop_to_mask, "dc_crop_to_mask")
         self.precond_weight = as_float(precond_weight, "dc_precond_weight")
         if self.precond_weight is not None and self.precond_weight <= 0:
             raise InputError(f"dc_precond_weight must be > 0 (null: plain CG), got {precond_weight!r}")
