@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from scripts import baselines as B
-from scripts.baselines.common import BOX_PAD, Frame, box_padding, cg, dot, lsqr, mask_box, norm
+from scripts.baselines.common import BOX_PAD, Frame, box_padding, cg, dot, lsqr, norm
 from scripts.metrics import nrmse
-from scripts.physics import dipole_kernel, forward_field
+from scripts.physics import dipole_kernel, forward_field, mask_box
 
 SHAPE = (48, 48, 48)
 VOXEL = (1.0, 1.0, 1.0)

@@ -60,6 +60,8 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from scipy import ndimage
 from scipy.ndimage import binary_dilation, gaussian_laplace, uniform_filter
 
+from .physics import mask_box
+
 __all__ = [
     "nrmse",
     "nrmse_2016",
@@ -203,20 +205,14 @@ def _nrmse_2016(r, t, m) -> float:
     return 100.0 * math.sqrt(float(((r[m] - t[m]) ** 2).sum())) / norm_truth
 
 
-def _around_mask(m: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """The mask's bounding box grown by ``margin`` voxels, clipped to the volume. A filter of radius ≤ ``margin``
-    gives the same values on the mask inside this box as on the whole volume: its support never reaches a face of
-    the box that is not a face of the volume, and the volume's own faces (and their boundary modes) are kept."""
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, m.shape[axis])))
-    return tuple(box)
+# A filter of radius ≤ margin gives the same values on the mask inside the mask's box grown by the margin (clipped to
+# the volume) as on the whole volume: its support never reaches a face of the box that is not a face of the volume,
+# and the volume's own faces (and their boundary modes) are kept.
 
 
 def _hfen(r, t, m, crop: bool = True) -> float:
     if crop and m.any():  # only the mask's values count: filter its box (radius int(truncate·σ + 0.5))
-        box = _around_mask(m, int(HFEN_TRUNCATE * HFEN_SIGMA + 0.5))
+        box = mask_box(m, int(HFEN_TRUNCATE * HFEN_SIGMA + 0.5))
         r, t, m = r[box], t[box], m[box]
     lr = gaussian_laplace(r, sigma=HFEN_SIGMA, truncate=HFEN_TRUNCATE)
     lt = gaussian_laplace(t, sigma=HFEN_SIGMA, truncate=HFEN_TRUNCATE)
@@ -233,7 +229,7 @@ def _ssim(
     """Mean over ``m`` of the SSIM map with ``window``³ uniform windows truncated at the border (QSM-CI's XSIM).
     ``crop``: computed on the mask's box grown by the window's half width (the same values, far less work)."""
     if crop and m.any():
-        box = _around_mask(m, window // 2)
+        box = mask_box(m, window // 2)
         a, b, m = a[box], b[box], m[box]
     c1, c2 = (k1 * dynamic_range) ** 2, (k2 * dynamic_range) ** 2
     volume = float(window**3)

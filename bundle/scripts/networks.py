@@ -286,17 +286,17 @@ def fold_batchnorm(network: nn.Module) -> nn.Module:
     folded = copy.deepcopy(network)
     for module in folded.modules():
         conv, adn = getattr(module, "conv", None), getattr(module, "adn", None)
-        if not isinstance(conv, nn.Conv3d) or not isinstance(adn, nn.Sequential) or "N" not in adn._modules:
+        if not isinstance(conv, nn.Conv3d) or not isinstance(adn, nn.Sequential) or len(adn) == 0:
             continue
-        norm = adn._modules["N"]
-        if next(iter(adn._modules)) != "N" or not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        first, norm = next(adn.named_children())
+        if first != "N" or not isinstance(norm, nn.modules.batchnorm._BatchNorm):
             continue  # not conv → norm: nothing to fold
         channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
         fused = fuse_conv_bn_eval(conv, norm)
         if channels_last:
             fused = fused.to(memory_format=torch.channels_last_3d)
         module.conv = fused
-        adn._modules["N"] = nn.Identity()
+        adn.N = nn.Identity()
     return folded
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.transforms.utils import generate_spatial_bounding_box
 
 __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
@@ -28,6 +29,7 @@ __all__ = [
     "forward_field",
     "masked_mean",
     "demean_in_mask",
+    "mask_box",
     "b0_direction_from_affine",
     "voxel_size_from_affine",
     "convert_field",
@@ -315,6 +317,13 @@ def masked_mean(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     total = torch.where(inside, volume, 0.0).sum(dim=dims, keepdim=True, dtype=torch.float64)
     count = inside.sum(dim=dims, keepdim=True).clamp_min(1)
     return (total / count).to(volume.dtype)
+
+
+def mask_box(mask: np.ndarray | torch.Tensor, margin: int = 0) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every voxel > 0 of a non-empty (X, Y, Z) mask (numpy or torch), grown by
+    ``margin`` voxels per side and clipped to the volume (MONAI's ``generate_spatial_bounding_box``)."""
+    start, end = generate_spatial_bounding_box(mask[None], margin=margin, allow_smaller=True)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, end))
 
 
 def demean_in_mask(volume: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

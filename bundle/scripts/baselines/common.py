@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..physics import DipoleOperator, demean_in_mask, fast_fft_size
+from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box
 
 #: Default zero padding per side, as a fraction of each dimension (before rounding up to a fast FFT size).
 DEFAULT_PAD = 0.125
@@ -232,8 +232,8 @@ def ramp_down(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """Σ a·b over all entries (same dtype): one BLAS dot, no temporary. Its blocked accumulation keeps the relative
-    error of a float32 sum over 10⁷ entries near 10⁻⁵ (torch's float32 vector norm was off by 3·10⁻⁴; the float64
-    sums this replaces took 14× as long on a 200×240×200 grid)."""
+    error of a float32 sum over 10⁷ entries near 10⁻⁵ (in a one-off measurement torch's float32 vector norm was off by
+    3·10⁻⁴, and the float64 sums this replaces took 14× as long on a 200×240×200 grid)."""
     return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
 
@@ -264,16 +264,6 @@ def box_padding(
         own = fast_fft_size(n + 2 * math.ceil(BOX_PAD * n)) if n < big else whole  # not cropped: as given
         out.append(max((min(whole, own) - n) // 2, int(least)))
     return out
-
-
-def mask_box(mask: torch.Tensor) -> tuple[slice, ...]:
-    """Slices of the smallest box holding every non-zero voxel of a non-empty (X, Y, Z) mask."""
-    inside = mask != 0
-    box = []
-    for axis in range(3):
-        hit = torch.nonzero(inside.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def lsqr(

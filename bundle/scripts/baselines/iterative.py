@@ -183,8 +183,7 @@ def ilsqr(
         Math Softw 1982;8:43–71.
     """
     frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
-    voxel, D, m, b = frame.voxel, frame.D, frame.m, frame.b
-    mf = m.to(dtype)
+    voxel, D, m, b, mf = frame.voxel, frame.D, frame.m, frame.b, frame.mf
 
     # step 1: Laplacian-weighted LSQR (in image space: F is unitary, so the iterates are those of the k-space form)
     lap = laplacian_in_mask(b, m, voxel).abs()

@@ -165,8 +165,7 @@ def medi_tv(
     if not 0 <= edge_fraction < 1:
         raise ValueError(f"edge_fraction must be in [0, 1), got {edge_fraction}")
     frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)
-    voxel, D, m, b = frame.voxel, frame.D, frame.m, frame.b
-    mf = m.to(dtype)
+    voxel, D, m, b, mf = frame.voxel, frame.D, frame.m, frame.b, frame.mf
     chi = frame.ifft(D / (D * D + start_lam) * frame.fft(b)) * mf
     mg = torch.ones_like(mf)
     if edge_fraction > 0:
