@@ -22,8 +22,8 @@ timed. The timers are grouped into stages:
 * other: the rest of the total (parsing, the evaluator's construction, collation, ``CopyItemsd``, masking);
 * total: from the workflow's construction to the end of its run (imports excluded: they are done).
 
-The median over ``--repeats`` is shown for each stage, in seconds, with the ratio current / previous. Beforehand,
-one untimed in-process run of each setting on a small 64³ case takes one-off costs (lazy imports, the first
+The median over ``--repeats`` is shown for each stage, in seconds, with the ratio current / previous. Before each
+setting's runs, one untimed in-process run on a small 64³ case takes one-off costs (lazy imports, the first
 convolutions' kernels) out of the first timed run. Then, unless ``--no_command_line``, each setting runs once per
 repeat as a user runs it, ``python -m monai.bundle run inference --config_file configs/inference.json ...`` from
 ``bundle/`` in a subprocess, timed from the command to its exit (imports, model setup, demo simulation and writing
@@ -35,12 +35,14 @@ Cases: ``demo``, inference.json's demo (160×192×160 1 mm brain, four microblee
 brain of 168×200×176 (:class:`scripts.phantoms.BrainPhantom`, seed 10001, SNR 40) simulated once in setup (not
 timed) and given as files, ``--field F --mask M``, as a user would (its truth stays with the benchmark).
 
-Settings: ``previous`` is the default of commit ada0b9f as far as settings switch it: the refinement on the whole
-input grid and BatchNorm not folded into the convolutions (``--dc_crop_to_mask False --fold_batchnorm False``;
-``False`` capitalised: the command line passes ``false`` on as a string). The code-level changes of commit 610001d
-(BLAS reductions in the CG, no zero-width pads in the U-Net's decoder) run in both; to time commit ada0b9f itself,
-run its command line from a worktree (``git worktree add /tmp/prev ada0b9f``; the model card quotes both).
-``current`` is ``configs/inference.json`` as it is. (Until commit 610001d ``previous`` was the default before commit
+Settings: ``previous`` is the default of commit ca6dda0 as far as a setting switches it: glibc's own handling of
+large blocks (``--keep_freed_memory False``; ``False`` capitalised: the command line passes ``false`` on as a string).
+The code-level changes made with it (spectra scaled on their real view, the margin shell grown on the mask's box) run
+in both; to time commit ca6dda0 itself, run its command line from a worktree (``git worktree add /tmp/prev ca6dda0``;
+the model card quotes both). ``current`` is ``configs/inference.json`` as it is. In process every run of
+``previous`` (its warm-up first) comes before any run of ``current``, because the allocator setting holds for the
+rest of a process; the command-line runs alternate. (Until this change ``previous`` was the default of commit
+ada0b9f, ``--dc_crop_to_mask False --fold_batchnorm False``; before commit 610001d the default before commit
 e3dcbfe: ``--dc_iterations 60 --dc_test_iterations 60 --dc_precond_weight null --autocast False --sw_overlap 0``.)
 
 Maps: both written χ NIfTIs of the first repeat are read back: max |Δχ| and RMS Δχ in the mask (ppm), the same for
@@ -91,7 +93,7 @@ from scripts.networks import bf16_supported  # noqa: E402
 from scripts.phantoms import BrainPhantom, RandomSourcePhantom  # noqa: E402
 
 #: The default of commit ada0b9f, as far as command-line overrides of inference.json switch it.
-PREVIOUS: dict[str, object] = {"dc_crop_to_mask": False, "fold_batchnorm": False}
+PREVIOUS: dict[str, object] = {"keep_freed_memory": False}
 SETTINGS: dict[str, dict[str, object]] = {"previous": PREVIOUS, "current": {}}
 
 STAGES = (
@@ -456,34 +458,36 @@ def main() -> None:
             RandomSourcePhantom(), WARMUP_SHAPE, WARMUP_SEED, inputs, "warmup"
         )
         print(f"setup (simulations, not timed): {time.perf_counter() - start:.1f} s")
-        if warmup is not None:
-            start = time.perf_counter()
-            for name, setting in SETTINGS.items():
+        # In process, every run of "previous" comes before any run of "current": keep_freed_memory changes the C
+        # allocator for the rest of the process and cannot be undone (the command-line runs are processes of their
+        # own and alternate).
+        runs: dict[str, dict[str, list[Run]]] = {c: {s: [] for s in SETTINGS} for c in args.cases}
+        for name, setting in SETTINGS.items():
+            if warmup is not None:
+                start = time.perf_counter()
                 run_in_process(warmup, setting, str(root / f"warmup_{name}"))
-            shape = "×".join(map(str, WARMUP_SHAPE))
-            print(f"warm-up ({shape} random sources, each setting once): {time.perf_counter() - start:.1f} s")
+                shape = "×".join(map(str, WARMUP_SHAPE))
+                print(f"warm-up of {name} ({shape} random sources): {time.perf_counter() - start:.1f} s")
+            for case_name in args.cases:
+                for repeat in range(args.repeats):
+                    run = run_in_process(cases[case_name], setting, str(root / f"{case_name}_{name}_{repeat}"))
+                    runs[case_name][name].append(run)
+                    print(f"  {case_name} {name} in-process #{repeat}: {run.seconds['total']:.1f} s", flush=True)
 
         for case_name in args.cases:
             case = cases[case_name]
-            runs: dict[str, list[Run]] = {s: [] for s in SETTINGS}
             cli: dict[str, list[float]] = {s: [] for s in SETTINGS}
             logs: dict[str, list[dict[str, float]]] = {s: [] for s in SETTINGS}
             cli_dirs: dict[str, str | None] = dict.fromkeys(SETTINGS)
-            for repeat in range(args.repeats):
-                for name, setting in SETTINGS.items():
-                    run = run_in_process(case, setting, str(root / f"{case_name}_{name}_{repeat}"))
-                    runs[name].append(run)
-                    print(f"  {case_name} {name} in-process #{repeat}: {run.seconds['total']:.1f} s", flush=True)
-                if args.no_command_line:
-                    continue
+            for repeat in range(0 if args.no_command_line else args.repeats):
                 for name, setting in SETTINGS.items():
                     directory = str(root / f"{case_name}_{name}_{repeat}_cli")
                     cli[name].append(run_command_line(case, setting, directory, args.threads))
                     logs[name].append(log_stage_times(directory))
                     cli_dirs[name] = cli_dirs[name] or directory
                     print(f"  {case_name} {name} command line #{repeat}: {cli[name][-1]:.1f} s", flush=True)
-            print_table(case, runs, cli, logs)
-            print_maps(case, runs, cli_dirs)
+            print_table(case, runs[case_name], cli, logs)
+            print_maps(case, runs[case_name], cli_dirs)
         print(f"\nload average at the end {load_average()}")
     finally:
         if args.keep:

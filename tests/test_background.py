@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from scripts.background import default_radii, erode_mask, pdf, vsharp
+from scripts.background import default_radii, dilate_mask, erode_mask, pdf, vsharp
 from scripts.baselines.common import Frame
 from scripts.physics import demean_in_mask, forward_field
 
@@ -225,3 +225,20 @@ def test_total_field_through_the_inference_pipeline(tmp_path):
     assert np.all(chi[~local_mask] == 0)
     report = json.loads((out / "head_field_report.json").read_text())
     assert report["bfr"] == "vsharp" and 0.3 < report["bfr_mask_kept"] < 1.0
+
+
+def test_dilate_mask_matches_a_brute_force_ball_search():
+    """Growing by r mm = every voxel within r of a mask voxel (brute force over all pairs, anisotropic voxels)."""
+    mask = torch.zeros(20, 18, 16, dtype=torch.bool)
+    mask[6:9, 7:10, 5:7] = True
+    mask[14, 3, 12] = True
+    voxel, radius = (1.0, 1.5, 2.0), 3.2
+    grown = dilate_mask(mask, voxel, radius)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n) * v for n, v in zip(mask.shape, voxel)], indexing="ij"), -1)
+    points, sources = grid.reshape(-1, 3), grid[mask]
+    expected = (torch.cdist(points.double(), sources.double()).min(1).values <= radius + 1e-6).reshape(mask.shape)
+    assert torch.equal(grown, expected) and int(grown.sum()) > int(mask.sum())
+    # a mask at the grid's edge: the box grown by the radius is clipped, the result is not
+    edge = torch.zeros(10, 10, 10, dtype=torch.bool)
+    edge[0, 0, 0] = True
+    assert int(dilate_mask(edge, (1.0, 1.0, 1.0), 1.0).sum()) == 4

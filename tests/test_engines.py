@@ -8,7 +8,9 @@ import torch
 from conftest import BUNDLE, TINY, bundle_run
 from torch import nn
 
-from scripts.engines import ResumeFromCheckpoint, WGANGPTrainer, gradient_penalty
+from ignite.engine import Engine, Events
+
+from scripts.engines import ResumeFromCheckpoint, WeightAverage, WGANGPTrainer, gradient_penalty
 from scripts.networks import QSMCritic, QSMGenerator, qsmgan_unet
 
 
@@ -124,7 +126,6 @@ def test_gan_stage_through_the_bundle_and_resume(tmp_path):
 
 
 def test_n_critic_updates_per_generator_update_and_generator_loss():
-    from ignite.engine import Events
 
     trainer, generator, critic = tiny_gan()
     trainer.n_critic, trainer.lambda_adv = 3, 0.5  # a large λ_adv: the adversarial term shows in the total
@@ -198,14 +199,15 @@ def workflow(configs, out, **overrides):
     for key, value in {**settings, **overrides}.items():
         parser[key] = value
     if not validate:
-        parser["train#handlers"] = [h for h in parser["train#handlers"] if h["_target_"] != "ValidationHandler"]
+        parser["train#handlers"] = [
+            h for h in parser["train#handlers"] if not (isinstance(h, dict) and h["_target_"] == "ValidationHandler")
+        ]
     torch.manual_seed(0)
     parser.parse()
     return parser
 
 
 def record_batches(parser):
-    from ignite.engine import Events
 
     trainer, batches = parser.get_parsed_content("train#trainer"), {}
     trainer.add_event_handler(
@@ -217,7 +219,6 @@ def record_batches(parser):
 def capture_at_start(parser, names):
     """Copies of the named objects' state dicts, the engine's position and the stream's start, once the run's
     own start handlers (resume, stream position) have run."""
-    from ignite.engine import Events
 
     trainer, seen = record_batches(parser)
 
@@ -264,7 +265,6 @@ def assert_equal_states(restored, saved, name):
     ids=["stage1", "stage2"],
 )
 def test_resume_restores_every_state(tmp_path, configs, objects):
-    from ignite.engine import Events
 
     # the uninterrupted run: 2 epochs of 2 iterations
     reference = workflow(configs, tmp_path / "whole", epochs=2)
@@ -382,7 +382,6 @@ def test_stage2_on_a_fresh_clone_through_the_bundle(tmp_path):
 
 
 def test_sidecar_beside_saved_weights_and_resume_from_weights(tmp_path, caplog):
-    from ignite.engine import Events
 
     first = workflow(["train.json"], tmp_path / "first", epochs=2, validate=True)
     trainer = first.get_parsed_content("train#trainer")
@@ -473,3 +472,51 @@ def test_unknown_override_stops_the_bundle_run(tmp_path):
     result = bundle_run("simulating", *args, expect_ok=False)
     assert result.returncode != 0
     assert "unknown option --num_healhty; did you mean --num_healthy?" in result.stdout + result.stderr
+
+
+def test_weight_average_starts_from_loaded_weights_and_averages():
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(net, momentum=0.25)
+    with torch.no_grad():  # weights loaded after the config was parsed (a resume or --pretrained)
+        net[0].weight.fill_(2.0)
+    engine = Engine(lambda e, b: None)
+    average.attach(engine)
+
+    @engine.on(Events.ITERATION_STARTED)
+    def step(e):  # the optimizer's step: the online weight becomes 2 + iteration
+        with torch.no_grad():
+            net[0].weight.fill_(2.0 + e.state.iteration)
+
+    engine.run([0, 0], max_epochs=1)
+    expected = 2.0
+    for online in (3.0, 4.0):
+        expected = 0.75 * expected + 0.25 * online
+    assert torch.allclose(average.ema_model[0].weight, torch.full((2, 3), expected))
+    assert average.ema_model[1].running_mean is net[1].running_mean or torch.equal(
+        average.ema_model[1].running_mean, net[1].running_mean
+    )
+    off = WeightAverage(net, momentum=None)
+    assert off.ema_model is net
+    with pytest.raises(ValueError, match="momentum"):
+        WeightAverage(net, momentum=1.5)
+
+
+def test_training_validates_and_saves_the_weight_average(tmp_path):
+    out = tmp_path / "ema"
+    start = tmp_path / "start.pt"
+    torch.manual_seed(1)
+    torch.save(QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4))).state_dict(), start)
+    args = ["--config_file", "configs/train.json", "--output_dir", str(out), "--iterations_per_epoch", "3"]
+    args += TINY + ["--num_val_cases", "1", "--val_shape", "[40,36,30]", "--epochs", "1"]
+    args += ["--ema_momentum", "0.5", "--pretrained", str(start), "--learning_rate", "0.01"]
+    log = bundle_run("training", *args)
+    assert "weight average (momentum 0.5) starts" in log
+    saved = torch.load(out / "checkpoints" / "model.pt", weights_only=True)
+    online = torch.load(out / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
+    first = torch.load(start, weights_only=True)
+    key = next(k for k in saved if k.endswith("weight") and saved[k].ndim == 5)
+    # the average of 3 steps at m = 0.5 lies strictly between the start and the online weights
+    assert not torch.equal(saved[key], online[key]) and not torch.equal(saved[key], first[key])
+    gap_online = (saved[key] - online[key]).abs().sum()
+    gap_start = (saved[key] - first[key]).abs().sum()
+    assert gap_online < (online[key] - first[key]).abs().sum() and gap_start < (online[key] - first[key]).abs().sum()

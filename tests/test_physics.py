@@ -15,6 +15,7 @@ from scripts.physics import (
     fast_fft_size,
     forward_field,
     masked_mean,
+    scale_spectrum,
 )
 
 
@@ -226,3 +227,16 @@ def test_invalid_kernel_arguments():
         dipole_kernel((8, 8, 8), b0_direction=(0, 0, 0))
     with pytest.raises(ValueError, match="shape"):
         dipole_kernel((8, 8))
+
+
+def test_scale_spectrum_is_the_complex_product_in_place():
+    torch.manual_seed(0)
+    spectrum = torch.randn(6, 5, 4, dtype=torch.complex64)
+    symbol = torch.randn(6, 5, 4)
+    expected = spectrum * symbol
+    out = scale_spectrum(spectrum, symbol)
+    assert out is spectrum and torch.allclose(spectrum, expected)
+    with pytest.raises(ValueError, match="real symbol"):
+        scale_spectrum(spectrum, symbol.to(torch.complex64))
+    with pytest.raises(ValueError, match="complex spectrum"):
+        scale_spectrum(symbol, symbol)

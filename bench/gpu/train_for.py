@@ -144,7 +144,7 @@ def main() -> None:
     parser = workflow.parser
     trainer = parser.get_parsed_content("train#trainer")
     evaluator = parser.get_parsed_content("validate#evaluator")
-    network = parser.get_parsed_content("network")
+    network = parser.get_parsed_content("val_network")  # the weight average when --ema_momentum is set
     scheduler = parser.get_parsed_content("lr_scheduler") if "lr_scheduler" in parser else None
     device = torch.device(parser.get_parsed_content("device"))
     output_dir = pathlib.Path(parser.get_parsed_content("output_dir"))

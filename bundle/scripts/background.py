@@ -48,6 +48,7 @@ from .physics import (
     _check_triplet,
     b0_direction_from_affine,
     demean_in_mask,
+    mask_box,
     voxel_size_from_affine,
 )
 
@@ -103,11 +104,19 @@ def erode_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float
 
 def dilate_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float) -> torch.Tensor:
     """Grow a boolean (X, Y, Z) mask by a sphere of ``radius_mm``: every voxel whose distance (mm) to the mask is at
-    most the radius (one Euclidean distance transform, as :func:`erode_mask`)."""
+    most the radius (one Euclidean distance transform, as :func:`erode_mask`). The transform runs on the mask's
+    bounding box grown by the radius only (nothing farther can be reached), not on the whole grid."""
     from scipy import ndimage
 
-    dist = ndimage.distance_transform_edt(~mask.detach().cpu().numpy().astype(bool), sampling=_voxel(voxel_size))
-    return torch.from_numpy(dist <= radius_mm + 1e-6).to(mask.device)
+    voxel = _voxel(voxel_size)
+    m = mask.detach().cpu().numpy().astype(bool)
+    out = np.zeros_like(m)
+    if not m.any():
+        return torch.from_numpy(out).to(mask.device)
+    box = mask_box(m, margin=max(math.ceil(radius_mm / v) for v in voxel) + 1)
+    dist = ndimage.distance_transform_edt(~m[box], sampling=voxel)
+    out[box] = dist <= radius_mm + 1e-6
+    return torch.from_numpy(out).to(mask.device)
 
 
 def default_radii(voxel_size: Sequence[float], largest_mm: float = 12.0) -> tuple[float, ...]:

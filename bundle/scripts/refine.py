@@ -26,7 +26,14 @@ from .background import dilate_mask, erode_mask
 from .baselines.common import Frame, cg
 from .baselines.iterative import masked_tikhonov
 from .checks import INFO_KEY, InputError, as_bool, as_float, as_triplet, case_info, output_stem
-from .physics import DipoleOperator, b0_direction_from_affine, demean_in_mask, masked_mean, voxel_size_from_affine
+from .physics import (
+    DipoleOperator,
+    b0_direction_from_affine,
+    demean_in_mask,
+    masked_mean,
+    scale_spectrum,
+    voxel_size_from_affine,
+)
 
 __all__ = [
     "DC_SOLVERS",
@@ -278,13 +285,13 @@ def harmonic_tikhonov(
         raise EmptyDataTerm(f"no voxel of the mask is {radius_mm} mm from its border: the harmonic data term is empty")
 
     def filtered(x: torch.Tensor) -> torch.Tensor:
-        return frame.ifft(frame.fft(x).mul_(kernel))
+        return frame.ifft(scale_spectrum(frame.fft(x), kernel))
 
     def normal(x: torch.Tensor) -> torch.Tensor:
         return filtered(filtered(x * m).mul_(trusted)).mul_(m).add_(x * m, alpha=float(weight))
 
     x0 = frame.pad(prior.float()) * m
-    data = frame.ifft(frame.fft(frame.b).mul_(high_pass)).mul_(trusted)
+    data = frame.ifft(scale_spectrum(frame.fft(frame.b), high_pass)).mul_(trusted)
     rhs = filtered(data).mul_(m).add_(x0, alpha=float(weight))
     precond = None if precond_weight is None else frame.fourier_preconditioner(m, kernel, precond_weight)
     return frame.result(cg(normal, rhs, x0, float(tol), int(iterations), precond))

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box
+from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box, scale_spectrum
 
 #: Default zero padding per side, as a fraction of each dimension (before rounding up to a fast FFT size).
 DEFAULT_PAD = 0.125
@@ -137,7 +137,7 @@ class Frame:
         symbol = kernel.square().add_(float(weight)).reciprocal_()
 
         def apply(x: torch.Tensor) -> torch.Tensor:
-            return self.ifft(self.fft(x * support).mul_(symbol)).mul_(support)
+            return self.ifft(scale_spectrum(self.fft(x * support), symbol)).mul_(support)
 
         return apply
 

@@ -1,0 +1,29 @@
+"""Process memory settings (scripts.memory): glibc keeps freed large blocks for reuse."""
+
+import platform
+import sys
+
+import pytest
+import torch
+
+from scripts import memory
+
+
+def test_disabled_leaves_the_allocator_alone(monkeypatch):
+    monkeypatch.setattr(memory, "_applied", None)
+    assert memory.keep_freed_memory(False) is False
+    assert memory.keep_freed_memory("false") is False
+    assert memory._applied is None  # nothing was attempted
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
+)
+def test_glibc_accepts_the_settings_and_large_tensors_still_work(monkeypatch):
+    monkeypatch.setattr(memory, "_applied", None)
+    assert memory.keep_freed_memory(True) is True
+    assert memory.keep_freed_memory() is True  # idempotent
+    for _ in range(3):  # blocks of 64 MB come from the heap now and are reused
+        x = torch.ones(16 * 2**20)
+        assert float(x.sum()) == 16 * 2**20
+        del x
