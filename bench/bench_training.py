@@ -10,7 +10,7 @@ so the timed iterations show the steady state.
 Usage (from the repository root)::
 
     python bench/bench_training.py [--iterations 10] [--autocast auto|true|false] [--stages 1 2] [--device cpu]
-        [--num_workers 0]
+        [--num_workers 0] [--keep_freed_memory true|false]
 """
 
 from __future__ import annotations
@@ -66,7 +66,16 @@ def main() -> None:
     parser.add_argument(
         "--override", default="{}", help="extra config overrides as JSON, e.g. '{\"features\": [4,4,8,8,8,4]}'"
     )
+    parser.add_argument(
+        "--keep_freed_memory",
+        default="true",
+        choices=("true", "false"),
+        help="the configs' allocator setting (scripts/memory.py; one per process: compare two runs)",
+    )
     args = parser.parse_args()
+    from scripts.memory import keep_freed_memory
+
+    print(f"keep_freed_memory: {keep_freed_memory(args.keep_freed_memory == 'true')}")
     os.chdir(BUNDLE)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
