@@ -408,3 +408,30 @@ def test_filtered_metrics_on_the_mask_box_equal_the_whole_volume():
         assert _ssim(r, t, m, 0.01, k2, dynamic_range) == pytest.approx(
             _ssim(r, t, m, 0.01, k2, dynamic_range, crop=False), rel=1e-10
         )
+
+
+def test_truth_side_work_is_reused_only_for_the_same_truth():
+    """HFEN/XSIM reuse the truth's filtering between maps (keyed by content): the scores equal fresh computations,
+    and a truth changed in place is not mistaken for the cached one."""
+    from scipy.ndimage import gaussian_laplace
+
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(20, 22, 18))
+    mask = np.zeros(truth.shape, bool)
+    mask[3:17, 4:18, 2:16] = True
+    M._TRUTH_CACHE.clear()
+
+    def reference_hfen(pred, t):
+        r0, t0 = np.where(mask, pred, 0.0), np.where(mask, t, 0.0)
+        lr, lt = gaussian_laplace(r0, 1.5, truncate=5.0), gaussian_laplace(t0, 1.5, truncate=5.0)
+        return 100 * np.linalg.norm((lr - lt)[mask]) / np.linalg.norm(lt[mask])
+
+    for k in range(3):
+        pred = truth + rng.normal(scale=0.3 * (k + 1), size=truth.shape)
+        assert M.hfen(pred, truth, mask) == pytest.approx(reference_hfen(pred, truth), rel=1e-9)
+    assert len(M._TRUTH_CACHE) == 1  # one truth LoG served all three maps
+    first = M.xsim(pred, truth, mask)
+    M._TRUTH_CACHE.clear()
+    assert M.xsim(pred, truth, mask) == first  # cached and fresh truth moments agree exactly
+    truth[5:9, 5:9, 5:9] += 2.0  # the same array object, new content
+    assert M.hfen(pred, truth, mask) == pytest.approx(reference_hfen(pred, truth), rel=1e-9)
