@@ -466,11 +466,11 @@ class DataConsistencyd(MapTransform):
             chi = torch.as_tensor(pred).detach().cpu().float()[0]
             info = case_info(d)
             record = {"dc_weight": self.weight, "voxel_size_mm": list(voxel), "b0_direction": [float(v) for v in b0]}
+            op = DipoleOperator(chi.shape, voxel, b0, self.pad)  # one kernel for the residuals before and after
             if self.weight is not None:
                 record.update(dc_solver=self.solver, dc_iterations=self.iterations if self.solver == "cg" else None)
                 if self.solver == "cg":
                     record["dc_precond_weight"] = self.precond_weight
-                op = DipoleOperator(chi.shape, voxel, b0, self.pad)
                 net_field = op.forward(chi * inside)
                 _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
                 start = time.perf_counter()
@@ -500,7 +500,7 @@ class DataConsistencyd(MapTransform):
                 out = pred.detach().cpu().clone() if isinstance(pred, torch.Tensor) else torch.as_tensor(pred)
                 out[0] = chi
                 d[key] = out
-            residual, ratio = dipole_residual(chi, b, inside, voxel, b0, self.pad)
+            residual, ratio = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=op.forward(chi * inside))
             record["residual_ratio"] = ratio
             res = (
                 MetaTensor(residual[None], meta=copy.deepcopy(pred.meta))
