@@ -10,7 +10,13 @@ from torch import nn
 
 from ignite.engine import Engine, Events
 
-from scripts.engines import ResumeFromCheckpoint, WeightAverage, WGANGPTrainer, gradient_penalty
+from scripts.engines import (
+    LearningRateWarmup,
+    ResumeFromCheckpoint,
+    WeightAverage,
+    WGANGPTrainer,
+    gradient_penalty,
+)
 from scripts.networks import QSMCritic, QSMGenerator, qsmgan_unet
 
 
@@ -508,9 +514,9 @@ def test_training_validates_and_saves_the_weight_average(tmp_path):
     torch.save(QSMGenerator(qsmgan_unet(features=(4, 4, 8, 8, 8, 4))).state_dict(), start)
     args = ["--config_file", "configs/train.json", "--output_dir", str(out), "--iterations_per_epoch", "3"]
     args += TINY + ["--num_val_cases", "1", "--val_shape", "[40,36,30]", "--epochs", "1"]
-    args += ["--ema_momentum", "0.5", "--pretrained", str(start), "--learning_rate", "0.01"]
+    args += ["--ema_momentum", "0.5", "--pretrained", str(start), "--learning_rate", "0.01", "--warmup_iterations", "2"]
     log = bundle_run("training", *args)
-    assert "weight average (momentum 0.5) starts" in log
+    assert "weight average (momentum 0.5) starts" in log and "learning rate ramps up over 2 iterations" in log
     saved = torch.load(out / "checkpoints" / "model.pt", weights_only=True)
     online = torch.load(out / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
     first = torch.load(start, weights_only=True)
@@ -520,3 +526,24 @@ def test_training_validates_and_saves_the_weight_average(tmp_path):
     gap_online = (saved[key] - online[key]).abs().sum()
     gap_start = (saved[key] - first[key]).abs().sum()
     assert gap_online < (online[key] - first[key]).abs().sum() and gap_start < (online[key] - first[key]).abs().sum()
+
+
+def test_learning_rate_ramps_up_after_a_resume_and_ends_within_the_epoch():
+    net = nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    seen = []
+    engine = Engine(lambda e, b: seen.append(optimizer.param_groups[0]["lr"]))
+    # a resume at iteration 7 of epochs of 3 (as ResumeFromCheckpoint does it, on STARTED): 2 iterations left
+    engine.add_event_handler(
+        Events.STARTED, lambda e: e.load_state_dict({"iteration": 7, "epoch_length": 3, "max_epochs": 4})
+    )
+    LearningRateWarmup(optimizer, iterations=4).attach(engine)
+    engine.run([0, 0, 0], max_epochs=4)
+    assert seen == pytest.approx([0.005, 0.01, 0.01, 0.01, 0.01])
+    seen.clear()
+    fresh = Engine(lambda e, b: seen.append(optimizer.param_groups[0]["lr"]))
+    LearningRateWarmup(optimizer, iterations=0).attach(fresh)
+    fresh.run([0, 0], max_epochs=1)
+    assert seen == [0.01, 0.01]
+    with pytest.raises(ValueError, match="iterations"):
+        LearningRateWarmup(optimizer, iterations=-1)
