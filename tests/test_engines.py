@@ -528,9 +528,11 @@ def test_training_validates_and_saves_the_weight_average(tmp_path):
     assert gap_online < (online[key] - first[key]).abs().sum() and gap_start < (online[key] - first[key]).abs().sum()
 
 
-def test_learning_rate_ramps_up_after_a_resume_and_ends_within_the_epoch():
+@pytest.mark.filterwarnings("ignore:Detected call of")  # the schedule steps without optimizer steps here
+def test_learning_rate_ramps_up_after_a_resume_across_epochs_of_a_schedule():
     net = nn.Linear(2, 1)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)  # epoch-level, chained
     seen = []
     engine = Engine(lambda e, b: seen.append(optimizer.param_groups[0]["lr"]))
     # a resume at iteration 7 of epochs of 3 (as ResumeFromCheckpoint does it, on STARTED): 2 iterations left
@@ -538,12 +540,14 @@ def test_learning_rate_ramps_up_after_a_resume_and_ends_within_the_epoch():
         Events.STARTED, lambda e: e.load_state_dict({"iteration": 7, "epoch_length": 3, "max_epochs": 4})
     )
     LearningRateWarmup(optimizer, iterations=4).attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: schedule.step())  # as LrScheduleHandler, after it
     engine.run([0, 0, 0], max_epochs=4)
-    assert seen == pytest.approx([0.005, 0.01, 0.01, 0.01, 0.01])
+    # ramp 1/4, 2/4 of 0.01; the epoch ends and the schedule halves the *scheduled* rate; 3/4, 4/4 of 0.005; then 0.005
+    assert seen == pytest.approx([0.0025, 0.005, 0.00375, 0.005, 0.005])
     seen.clear()
     fresh = Engine(lambda e, b: seen.append(optimizer.param_groups[0]["lr"]))
     LearningRateWarmup(optimizer, iterations=0).attach(fresh)
     fresh.run([0, 0], max_epochs=1)
-    assert seen == [0.01, 0.01]
+    assert seen == [0.0025, 0.0025]  # off: the optimizer's rate as it is (the schedule has halved it once more)
     with pytest.raises(ValueError, match="iterations"):
         LearningRateWarmup(optimizer, iterations=-1)

@@ -673,16 +673,17 @@ class WeightAverage:
 
 
 class LearningRateWarmup:
-    """Ramp the learning rate up linearly over the first ``iterations`` of a run, from 1/``iterations`` of its
-    value to the value the schedule gives.
+    """Ramp the learning rate up linearly over the first ``iterations`` of a run, from 1/``iterations`` of the
+    scheduled rate to the scheduled rate.
 
     A run resumed from weights (``--resume_weights``, ``--pretrained``) starts with Adam's moments at zero, and
     Adam's first bias-corrected steps then move every weight by about the full learning rate: in phases 1g–1j of
     the training ledger the validation NRMSE rose by 3–5 points after such a start and took hundreds of iterations
-    to come back. The ramp lets the moments build up first. It acts on ``Events.ITERATION_STARTED`` from the
-    iteration the run starts at (after :class:`ResumeFromCheckpoint`, so attach it after that) and restores the
-    scheduled rate when it ends; it ends before the first epoch does (at most the iterations left in that epoch),
-    so the epoch-level schedule, whose cosine step is computed from the current rate, never sees a ramped one.
+    to come back. The ramp lets the moments build up first. It counts from the iteration the run starts at (attach
+    it after :class:`ResumeFromCheckpoint`). The epoch-level schedule computes each cosine step from the current
+    rate, so at every epoch end during the ramp the scheduled rate is put back before the schedule steps (attach it
+    before ``LrScheduleHandler``: Ignite runs the handlers of an event in the order they were attached), and the
+    next epoch's ramp scales the new scheduled rate.
 
     Args:
         optimizer: the trained network's optimizer.
@@ -693,27 +694,34 @@ class LearningRateWarmup:
         if int(iterations) < 0:
             raise ValueError(f"LearningRateWarmup: iterations must be >= 0, got {iterations!r}")
         self.optimizer, self.iterations = optimizer, int(iterations)
-        self._start, self._length, self._targets = 0, 0, []
+        self._start, self._targets = 0, []
 
     def attach(self, engine: Engine) -> None:
         if self.iterations:
             engine.add_event_handler(Events.STARTED, self.started)
+            engine.add_event_handler(Events.EPOCH_STARTED, self.capture)
             engine.add_event_handler(Events.ITERATION_STARTED, self.step)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.restore)
 
     def started(self, engine: Engine) -> None:
         self._start = engine.state.iteration
-        left = engine.state.epoch_length - engine.state.iteration % engine.state.epoch_length
-        self._length = min(self.iterations, left)
+        self.capture()
+        logger.info(f"learning rate ramps up over {self.iterations} iterations to {self._targets[0]:.3g}")
+
+    def capture(self, engine: Engine | None = None) -> None:
+        """Remember the scheduled rates (at the start and after each epoch's schedule step)."""
         self._targets = [group["lr"] for group in self.optimizer.param_groups]
-        logger.info(f"learning rate ramps up over {self._length} iterations to {self._targets[0]:.3g}")
 
     def step(self, engine: Engine) -> None:
-        k = engine.state.iteration - self._start - 1  # 0 at the run's first iteration (Ignite counts it already)
-        if k >= self._length:
+        k = engine.state.iteration - self._start  # 1 at the run's first iteration (Ignite counts it already)
+        if k > self.iterations:
             return
-        scale = (k + 1) / self._length  # 1 at the ramp's last iteration: the scheduled rate is back
         for group, target in zip(self.optimizer.param_groups, self._targets):
-            group["lr"] = target * scale
+            group["lr"] = target * k / self.iterations  # the scheduled rate itself at the ramp's last iteration
+
+    def restore(self, engine: Engine) -> None:
+        for group, target in zip(self.optimizer.param_groups, self._targets):
+            group["lr"] = target
 
 
 #: Options of ``python -m monai.bundle run`` itself (not config ids).
