@@ -68,9 +68,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--keep_freed_memory",
-        default="true",
+        default="false",
         choices=("true", "false"),
-        help="the configs' allocator setting (scripts/memory.py; one per process: compare two runs)",
+        help="the allocator setting (scripts/memory.py; train.json: false; one per process: compare two runs)",
     )
     args = parser.parse_args()
     from scripts.memory import keep_freed_memory
