@@ -37,7 +37,7 @@ def build_trainer(configs, overrides):
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
     parser.update(overrides)
-    parser["train#handlers"] = [h for h in parser["train#handlers"] if isinstance(h, dict) and h["_target_"] in KEEP]
+    parser["train#handlers"] = [h for h in parser["train#handlers"] if h["_target_"] in KEEP]
     return parser.get_parsed_content("train#trainer"), parser.get_parsed_content("train#synthetic")
 
 

@@ -15,6 +15,7 @@ from scripts.engines import (
     ResumeFromCheckpoint,
     WeightAverage,
     WGANGPTrainer,
+    averaged_copy,
     gradient_penalty,
 )
 from scripts.networks import QSMCritic, QSMGenerator, qsmgan_unet
@@ -205,9 +206,7 @@ def workflow(configs, out, **overrides):
     for key, value in {**settings, **overrides}.items():
         parser[key] = value
     if not validate:
-        parser["train#handlers"] = [
-            h for h in parser["train#handlers"] if not (isinstance(h, dict) and h["_target_"] == "ValidationHandler")
-        ]
+        parser["train#handlers"] = [h for h in parser["train#handlers"] if h["_target_"] != "ValidationHandler"]
     torch.manual_seed(0)
     parser.parse()
     return parser
@@ -482,7 +481,7 @@ def test_unknown_override_stops_the_bundle_run(tmp_path):
 
 def test_weight_average_starts_from_loaded_weights_and_averages():
     net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    average = WeightAverage(net, momentum=0.25)
+    average = WeightAverage(net, averaged_copy(net, 0.25), momentum=0.25)
     with torch.no_grad():  # weights loaded after the config was parsed (a resume or --pretrained)
         net[0].weight.fill_(2.0)
     engine = Engine(lambda e, b: None)
@@ -501,10 +500,13 @@ def test_weight_average_starts_from_loaded_weights_and_averages():
     assert average.ema_model[1].running_mean is net[1].running_mean or torch.equal(
         average.ema_model[1].running_mean, net[1].running_mean
     )
-    off = WeightAverage(net, momentum=None)
+    assert averaged_copy(net, None) is net
+    off = WeightAverage(net, net, momentum=None)
     assert off.ema_model is net
     with pytest.raises(ValueError, match="momentum"):
-        WeightAverage(net, momentum=1.5)
+        WeightAverage(net, averaged_copy(net, 0.5), momentum=1.5)
+    with pytest.raises(ValueError, match="copy"):
+        WeightAverage(net, net, momentum=0.5)
 
 
 def test_training_validates_and_saves_the_weight_average(tmp_path):

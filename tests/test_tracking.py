@@ -53,7 +53,7 @@ def test_mlflow_records_params_metrics_and_executed_config(stage1):
     assert len(artifacts) == 1 and artifacts[0].startswith("config_") and artifacts[0].endswith(".json")
     executed = json.loads((out / "mlruns" / run.info.run_id / "artifacts" / artifacts[0]).read_text())
     assert executed["iterations_per_epoch"] == 2 and executed["features"] == [4, 4, 8, 8, 8, 4]
-    assert any(isinstance(h, dict) and h.get("_target_") == "MLFlowHandler" for h in executed["train"]["handlers"])
+    assert any(h.get("_target_") == "MLFlowHandler" for h in executed["train"]["handlers"])
     # TensorBoard logging stays on beside MLflow
     assert list(out.glob("events.out.tfevents.*"))
 
@@ -64,7 +64,7 @@ def test_tensorboard_is_the_default():
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     for handlers in ("train#handlers", "validate#handlers"):
-        board = [h for h in parser[handlers] if isinstance(h, dict) and h["_target_"] == "TensorBoardStatsHandler"]
+        board = [h for h in parser[handlers] if h["_target_"] == "TensorBoardStatsHandler"]
         assert len(board) == 1 and board[0]["log_dir"] == "@output_dir"
 
 

@@ -8,6 +8,7 @@ generator).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import difflib
 import glob
@@ -43,6 +44,7 @@ __all__ = [
     "unwrap",
     "SyncBuffers",
     "WeightAverage",
+    "averaged_copy",
     "LearningRateWarmup",
     "load_weights",
     "select_pretrained",
@@ -634,13 +636,28 @@ class SyncBuffers:
                     buffer /= dist.get_world_size()
 
 
+def averaged_copy(model: nn.Module, momentum: float | None = None) -> nn.Module:
+    """The generator that validation runs and saves (``val_network``): with a ``momentum`` a frozen copy of
+    ``model`` that :class:`WeightAverage` keeps as the average of its weights, without one ``model`` itself
+    (``DistributedDataParallel`` unwrapped)."""
+    model = unwrap(model)
+    if not momentum:
+        return model
+    average = copy.deepcopy(model).eval()
+    for p in average.parameters():
+        p.requires_grad_(False)
+    return average
+
+
 class WeightAverage:
     """An exponential moving average of the generator's weights, to validate and save instead of the raw weights.
 
     With batch 2 the raw weights wander: the validation NRMSE moves by ±3 points from one epoch to the next (phases
     1g/1h of the training ledger), more than a recipe changes in an hour, and the best-epoch choice follows the
     noise. Ignite's :class:`~ignite.handlers.EMAHandler` keeps θ_avg ← (1 − m)·θ_avg + m·θ after every iteration
-    (BatchNorm running statistics copied from the online network); the average spans about 1/m iterations.
+    (BatchNorm running statistics copied from the online network); the average spans about 1/m iterations. The
+    average lives in ``average`` (``val_network``, made by :func:`averaged_copy`), so that the config can hand it
+    to the evaluator and the checkpoint saver.
 
     Unlike a bare ``EMAHandler``, the average starts on ``Events.STARTED`` *after* the weights were loaded (attach
     it after :class:`ResumeFromCheckpoint`), so a resumed or pretrained run averages from its starting weights, not
@@ -648,16 +665,22 @@ class WeightAverage:
 
     Args:
         model: the trained generator (``DistributedDataParallel`` is unwrapped).
-        momentum: m in (0, 1), e.g. 0.002 (an average over ~500 iterations); ``None`` or 0 turns averaging off,
-            and :attr:`ema_model` is then the online network itself.
+        average: the module that holds the average (:func:`averaged_copy` of ``model``).
+        momentum: m in (0, 1), e.g. 0.002 (an average over ~500 iterations); ``None`` or 0 turns averaging off
+            (``average`` is then ``model`` itself and nothing is attached).
     """
 
-    def __init__(self, model: nn.Module, momentum: float | None = None) -> None:
+    def __init__(self, model: nn.Module, average: nn.Module, momentum: float | None = None) -> None:
         if momentum is not None and not 0 <= momentum < 1:
             raise ValueError(f"WeightAverage: momentum must be in [0, 1) or None, got {momentum!r}")
         self.momentum = momentum or None
-        self._ema = EMAHandler(model, momentum=self.momentum) if self.momentum else None
-        self.ema_model = self._ema.ema_model if self._ema else unwrap(model)
+        self.ema_model = average
+        self._ema = None
+        if self.momentum:
+            if average is unwrap(model):
+                raise ValueError("WeightAverage: `average` must be a copy of the model (scripts.engines.averaged_copy)")
+            self._ema = EMAHandler(model, momentum=self.momentum)
+            self._ema.ema_model = average  # Ignite's update runs on the config's copy
 
     def attach(self, engine: Engine) -> None:
         if self._ema is None:
