@@ -420,20 +420,25 @@ def test_sidecar_beside_saved_weights_and_resume_from_weights(tmp_path, caplog):
 
 
 def test_shipped_weights_resume_from_their_sidecar():
+    import math
+
     from ignite.engine import Engine
 
     record = json.loads((BUNDLE / "models" / "model.json").read_text())
+    schedule = record["lr_scheduler"]
     generator = QSMGenerator(qsmgan_unet(features=record["features"]))
-    optimizer = torch.optim.Adam(generator.parameters(), lr=record["lr_scheduler"]["base_lrs"][0])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=16, eta_min=1e-5)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=schedule["base_lrs"][0])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule["T_max"], eta_min=schedule["eta_min"])
     engine = Engine(lambda e, b: None)
-    engine.state.max_epochs, engine.state.epoch_length = 16, 80
+    engine.state.max_epochs, engine.state.epoch_length = record["max_epochs"], record["epoch_length"]
     load = {"model": generator, "optimizer": optimizer, "lr_scheduler": scheduler}
     ResumeFromCheckpoint("/nonexistent", load, resume_weights=str(BUNDLE / "models" / "model.pt"))(engine)
-    assert (engine.state.iteration, engine.state.epoch) == (560, 7) == (record["iteration"], record["epoch"])
-    assert scheduler.last_epoch == 7 and optimizer.param_groups[0]["lr"] == pytest.approx(
-        record["lr_scheduler"]["_last_lr"][0], rel=1e-9
-    )
+    assert (engine.state.iteration, engine.state.epoch) == (record["iteration"], record["epoch"])
+    assert record["iteration"] == record["epoch"] * record["epoch_length"] and scheduler.last_epoch == record["epoch"]
+    # the schedule is replayed to the recorded epoch: the cosine's closed form at that epoch
+    base, low, t_max = schedule["base_lrs"][0], schedule["eta_min"], schedule["T_max"]
+    expected = low + (base - low) * (1 + math.cos(math.pi * record["epoch"] / t_max)) / 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
