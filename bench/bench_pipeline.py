@@ -92,7 +92,7 @@ from scripts.metrics import nrmse, xsim  # noqa: E402
 from scripts.networks import bf16_supported  # noqa: E402
 from scripts.phantoms import BrainPhantom, RandomSourcePhantom  # noqa: E402
 
-#: The default of commit ada0b9f, as far as command-line overrides of inference.json switch it.
+#: The default of commit ca6dda0, as far as command-line overrides of inference.json switch it.
 PREVIOUS: dict[str, object] = {"keep_freed_memory": False}
 SETTINGS: dict[str, dict[str, object]] = {"previous": PREVIOUS, "current": {}}
 

@@ -14,6 +14,8 @@ def test_disabled_leaves_the_allocator_alone(monkeypatch):
     assert memory.keep_freed_memory(False) is False
     assert memory.keep_freed_memory("false") is False
     assert memory._applied is None  # nothing was attempted
+    with pytest.raises(ValueError, match="keep_freed_memory"):
+        memory.keep_freed_memory("maybe")
 
 
 @pytest.mark.skipif(

@@ -4,8 +4,8 @@ Every whole-volume step allocates and frees tensors of tens of MB many times ove
 conjugate-gradient iteration, each activation of the network's windows. glibc serves blocks above its mmap threshold
 (128 kB at first, raised by frees to 32 MiB at most) with fresh ``mmap`` pages and unmaps them on ``free``, so
 every such tensor is paid for again with page faults and zeroing: a 200×240×200 float32 ``empty_like(x).fill_(1)``
-took 13.8 ms against 2.4 ms with reuse, and a real FFT pair ~1.6× as long (a one-off measurement on the 2-core Intel
-Xeon; ``python bench/bench_pipeline.py`` shows what it does to the pipeline). PyTorch's CPU tuning guide recommends
+took 13.8 ms against 2.4 ms with reuse, and a 192×240×192 real FFT pair about 1.7× as long (one-off scratch
+measurements on the 2-core Intel Xeon; ``python bench/bench_pipeline.py`` shows what it does to the pipeline). PyTorch's CPU tuning guide recommends
 a caching allocator (jemalloc or tcmalloc through ``LD_PRELOAD``) for the same reason; those are system libraries
 and need the environment set before Python starts, so the bundle asks glibc itself, through ``mallopt``, to keep
 large freed blocks in its heap (``M_MMAP_THRESHOLD``) and not to return the heap's top to the system
@@ -20,6 +20,8 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+
+from .checks import as_bool
 
 __all__ = ["keep_freed_memory"]
 
@@ -46,9 +48,7 @@ def keep_freed_memory(enabled: bool = True) -> bool:
         whether the setting is in force (``False`` when disabled, not on Linux with glibc, or refused).
     """
     global _applied
-    if isinstance(enabled, str):
-        enabled = enabled.strip().lower() not in ("false", "0", "no", "off", "none", "null")
-    if not enabled:
+    if not as_bool(enabled, "keep_freed_memory"):
         return bool(_applied)
     if _applied is not None:
         return _applied

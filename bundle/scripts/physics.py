@@ -161,8 +161,8 @@ def scale_spectrum(spectrum: torch.Tensor, symbol: torch.Tensor) -> torch.Tensor
     """spectrum ·= symbol, in place, for a complex spectrum and a real Fourier multiplier (broadcastable to it).
 
     The product runs on the spectrum's real view (real and imaginary parts times the same real factor): a plain
-    ``spectrum.mul_(symbol)`` promotes the real symbol to complex first and took about twice as long for a
-    200×240×101 half spectrum (``python bench/bench_refinement.py`` times the whole solve). Returns ``spectrum``.
+    ``spectrum.mul_(symbol)`` promotes the real symbol to complex first and took twice as long for a 200×240×101 half
+    spectrum (24 against 12 ms on two threads, a one-off scratch measurement). Returns ``spectrum``.
     """
     if not spectrum.is_complex() or symbol.is_complex():
         raise ValueError(
