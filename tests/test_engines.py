@@ -172,6 +172,34 @@ def test_n_critic_updates_per_generator_update_and_generator_loss():
         assert torch.allclose(torch.as_tensor(loss), total, rtol=1e-5, atol=1e-7), (loss, total)
 
 
+def test_critic_warmup_updates_only_the_critic_then_both():
+    trainer, generator, critic = tiny_gan()
+    trainer.critic_warmup = 2
+    gen = torch.Generator().manual_seed(2)
+    trainer.data_loader = [
+        {"image": torch.randn(2, 1, 32, 32, 32, generator=gen) * 0.05, "label": torch.randn(2, 1, 16, 16, 16) * 0.1}
+        for _ in range(3)
+    ]
+    trainer.state.epoch_length = 3
+    seen = []
+
+    def record(engine):
+        seen.append((engine.state.iteration, snapshot(generator), snapshot(critic), engine.state.output[0]))
+
+    g0, c0 = snapshot(generator), snapshot(critic)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    trainer.run()
+    (_, g1, c1, out1), (_, g2, c2, _), (_, g3, _, out3) = seen
+    assert changed(generator, g0)  # the generator moved by the end (iteration 3)
+    assert all(torch.equal(p, q) for p, q in zip(g0, g1)) and all(torch.equal(p, q) for p, q in zip(g1, g2))
+    assert any(not torch.equal(p, q) for p, q in zip(c0, c1)) and any(not torch.equal(p, q) for p, q in zip(c1, c2))
+    assert any(not torch.equal(p, q) for p, q in zip(g2, g3))
+    for out in (out1, out3):  # the logged terms during and after the warm-up
+        assert {"loss", "loss_l1", "loss_adv", "wasserstein"} <= set(out)
+    with pytest.raises(ValueError, match="critic_warmup"):
+        WGANGPTrainer("cpu", 1, [], generator, critic, trainer.optimizer, trainer.critic_optimizer, critic_warmup=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume: every state restored, tensor by tensor; the data stream continues at the right sample
 
@@ -202,6 +230,7 @@ def workflow(configs, out, **overrides):
         "val_shape": [36, 36, 30],
         "critic_channels": 4,
         "n_critic": 2,
+        "critic_warmup": 1,  # stage 2: one critic-only iteration, then generator updates (a resume continues them)
     }
     for key, value in {**settings, **overrides}.items():
         parser[key] = value

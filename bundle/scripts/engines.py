@@ -109,7 +109,10 @@ class WGANGPTrainer(Trainer):
     Per iteration: one generator forward pass χ̂ = G(field); ``n_critic`` critic updates on the batch's true χ
     against χ̂ (detached), each minimising D(χ̂) − D(χ) + λ_GP·(‖∇D(x̂)‖₂ − 1)²; then one generator update
     minimising ``l1_weight``·L1(χ̂, χ) + λ_adv·(−D(χ̂)) with the critic frozen. The generator's parameters do not
-    change during critic steps, so the same χ̂ (and its graph) serves both.
+    change during critic steps, so the same χ̂ (and its graph) serves both. During the first ``critic_warmup``
+    iterations of the stage (counted from iteration 1, so a resume after them does not repeat them) the generator
+    is not updated (its BatchNorm statistics still follow the batches): a fresh critic first learns what tells the stage-1 generator's χ̂ from the truth, so that its
+    first gradients on the generator carry that instead of the arbitrary slopes of random weights.
 
     Arguments:
         device, max_epochs, train_data_loader, epoch_length: as for MONAI's ``SupervisedTrainer``.
@@ -121,8 +124,9 @@ class WGANGPTrainer(Trainer):
         supervised_loss: the generator's data term (default :class:`QSMLoss`, L1).
         n_critic: critic updates per generator update (5).
         lambda_gp: gradient-penalty weight (10).
-        lambda_adv: adversarial weight of the generator loss (1e-3).
+        lambda_adv: adversarial weight of the generator loss (1e-3; ``configs/train_gan.json`` sets 1e-4).
         l1_weight: weight of the supervised term (1).
+        critic_warmup: iterations at the start of the stage with critic updates only (0: none).
         amp: bfloat16 autocast for the forward passes: ``True``, ``False`` or ``"auto"`` (where
             :func:`scripts.networks.bf16_supported` says it is fast on ``device``); the penalty is computed in float32.
         seed: seed of the interpolation weights ε (drawn from ``(seed, iteration)``, so a resume continues them).
@@ -151,6 +155,7 @@ class WGANGPTrainer(Trainer):
         lambda_gp: float = 10.0,
         lambda_adv: float = 1e-3,
         l1_weight: float = 1.0,
+        critic_warmup: int = 0,
         amp: bool | str = False,
         seed: int = 0,
         train_handlers=None,
@@ -159,6 +164,8 @@ class WGANGPTrainer(Trainer):
     ) -> None:
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        if int(critic_warmup) != critic_warmup or critic_warmup < 0:
+            raise ValueError(f"critic_warmup must be a whole number of iterations >= 0, got {critic_warmup!r}")
         if lambda_gp < 0 or lambda_adv < 0 or l1_weight < 0:
             raise ValueError("lambda_gp, lambda_adv and l1_weight must be >= 0")
         super().__init__(
@@ -175,7 +182,7 @@ class WGANGPTrainer(Trainer):
         self.supervised_loss = supervised_loss if supervised_loss is not None else QSMLoss()
         self.n_critic, self.lambda_gp, self.lambda_adv = int(n_critic), float(lambda_gp), float(lambda_adv)
         self.l1_weight, self.use_autocast = float(l1_weight), resolve_autocast(amp, device)
-        self.seed = int(seed)
+        self.seed, self.critic_warmup = int(seed), int(critic_warmup)
         self.eps_generator = torch.Generator().manual_seed(self.seed)
 
     def _autocast(self, device: torch.device):
@@ -227,6 +234,16 @@ class WGANGPTrainer(Trainer):
             _set_requires_grad(self.critic, True)
         return {"loss": loss.detach(), "loss_l1": l1.detach(), "loss_adv": adversarial.detach()}
 
+    @torch.no_grad()
+    def generator_losses(
+        self, pred: torch.Tensor, target: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The generator's loss terms without an update (logged during the critic warm-up)."""
+        l1 = self.supervised_loss(pred, target)
+        with self._autocast(pred.device):
+            adversarial = -self._score(pred, condition, unwrap(self.critic)).mean()
+        return {"loss": self.l1_weight * l1 + self.lambda_adv * adversarial, "loss_l1": l1, "loss_adv": adversarial}
+
     def _iteration(self, engine, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -236,10 +253,15 @@ class WGANGPTrainer(Trainer):
         # ε of the penalty depends on (seed, iteration) only, so that a resumed run draws what the uninterrupted one
         # would have drawn
         self.eps_generator.manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
-        pred = self.network(inputs)  # G is unchanged by the critic steps: one forward pass serves all updates
+        warming_up = engine.state.iteration <= self.critic_warmup
+        with torch.set_grad_enabled(not warming_up):  # no generator update while the critic warms up: no graph
+            pred = self.network(inputs)  # G is unchanged by the critic steps: one forward pass serves all updates
         for _ in range(self.n_critic):
             critic_stats = self.critic_step(targets, pred, condition)
-        generator_stats = self.generator_step(pred, targets, condition)
+        if warming_up:
+            generator_stats = self.generator_losses(pred, targets, condition)
+        else:
+            generator_stats = self.generator_step(pred, targets, condition)
         engine.state.output = {
             Keys.IMAGE: inputs,
             Keys.LABEL: targets,
