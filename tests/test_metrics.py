@@ -435,3 +435,35 @@ def test_truth_side_work_is_reused_only_for_the_same_truth():
     assert M.xsim(pred, truth, mask) == first  # cached and fresh truth moments agree exactly
     truth[5:9, 5:9, 5:9] += 2.0  # the same array object, new content
     assert M.hfen(pred, truth, mask) == pytest.approx(reference_hfen(pred, truth), rel=1e-9)
+
+
+def test_truth_cache_computes_once_for_concurrent_callers():
+    # CaseReport scores its maps on several threads against one truth: the truth's filtered copies are made once
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    truth = np.random.default_rng(5).standard_normal((12, 10, 8)).astype(np.float32)
+    calls, lock = [], threading.Lock()
+
+    def slow():
+        with lock:
+            calls.append(1)
+        time.sleep(0.05)  # long enough for every thread to arrive while the first computes
+        return truth.sum()
+
+    with ThreadPoolExecutor(4) as pool:
+        values = list(pool.map(lambda _: M._truth_cached("test-concurrent", (truth,), slow), range(4)))
+    assert len(calls) == 1 and len(set(values)) == 1
+    # and the metrics themselves give the same values threaded as in sequence
+    rng = np.random.default_rng(6)
+    t = rng.standard_normal((20, 18, 16)).astype(np.float32)
+    m = np.zeros(t.shape, bool)
+    m[3:-3, 3:-3, 3:-3] = True
+    maps = [t + 0.3 * rng.standard_normal(t.shape).astype(np.float32) for _ in range(3)]
+    score = lambda r: (M.hfen(r, t, m), M.xsim(r, t, m))  # noqa: E731
+    M._TRUTH_CACHE.clear()
+    sequential = [score(r) for r in maps]
+    M._TRUTH_CACHE.clear()
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(score, maps)) == sequential
