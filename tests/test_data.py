@@ -309,7 +309,7 @@ def test_training_config_has_the_realistic_source_and_weight_zero_builds_nothing
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
-    assert parser["phantom_weights"] == [0.4, 0.4, 0.2]
+    assert parser["phantom_weights"] == [0.3, 0.3, 0.4]  # the measured share (model card: phases 1m/1n)
     parser.update({"phantom_weights": [1.0, 0.0, 0.0], "device": "$torch.device('cpu')"})
     parser.update({"features": [4, 4, 8, 8, 8, 4]})
     stream = parser.get_parsed_content("train#synthetic")
