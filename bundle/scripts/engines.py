@@ -8,6 +8,7 @@ generator).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import difflib
@@ -103,6 +104,19 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Restore ``module``'s buffers (BatchNorm running statistics and counters) on exit: a forward pass in training
+    mode inside leaves the module as it was."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, kept in saved:
+                b.copy_(kept)
+
+
 class WGANGPTrainer(Trainer):
     """Ignite/MONAI engine for the WGAN-GP refinement stage of QSMGAN.
 
@@ -111,7 +125,9 @@ class WGANGPTrainer(Trainer):
     minimising ``l1_weight``·L1(χ̂, χ) + λ_adv·(−D(χ̂)) with the critic frozen. The generator's parameters do not
     change during critic steps, so the same χ̂ (and its graph) serves both. During the first ``critic_warmup``
     iterations of the stage (counted from iteration 1, so a resume after them does not repeat them) the generator
-    is not updated (its BatchNorm statistics still follow the batches): a fresh critic first learns what tells the stage-1 generator's χ̂ from the truth, so that its
+    is left exactly as it is (its forward pass in training mode, BatchNorm running statistics restored after it: with
+    them following the batches, 100 warm-up iterations moved phase 1n's validation NRMSE from 40.3 to 41.9 %): a
+    fresh critic first learns what tells the stage-1 generator's χ̂ from the truth, so that its
     first gradients on the generator carry that instead of the arbitrary slopes of random weights.
 
     Arguments:
@@ -254,7 +270,10 @@ class WGANGPTrainer(Trainer):
         # would have drawn
         self.eps_generator.manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
         warming_up = engine.state.iteration <= self.critic_warmup
-        with torch.set_grad_enabled(not warming_up):  # no generator update while the critic warms up: no graph
+        if warming_up:  # the generator as it is (batch statistics, as in its steps later), left unchanged: no graph
+            with torch.no_grad(), _buffers_kept(self.network):
+                pred = self.network(inputs)
+        else:
             pred = self.network(inputs)  # G is unchanged by the critic steps: one forward pass serves all updates
         for _ in range(self.n_critic):
             critic_stats = self.critic_step(targets, pred, condition)
