@@ -91,7 +91,9 @@ def test_stage2_gan_ranks_stay_identical(stage1, tmp_path):
     dump = dump_config(tmp_path / "dump2.json", {"model": "network", "critic": "critic_network"})
     pretrained = stage1[0] / "checkpoints" / "model.pt"
     configs = ["configs/train.json", "configs/train_gan.json", "configs/multi_gpu_train.json", dump]
-    log = torchrun(configs, "--output_dir", str(out), "--pretrained", str(pretrained), "--n_critic", "2", *SMALL)
+    # one critic-only iteration, then a generator step on both ranks (the config's warm-up is 100 iterations)
+    args = ["--output_dir", str(out), "--pretrained", str(pretrained), "--n_critic", "2", "--critic_warmup", "1"]
+    log = torchrun(configs, *args, *SMALL)
     assert "loss_critic" in log and "gradient_penalty" in log
     final = check_ranks(out, log, ["model", "critic"])
     # the generator started from stage 1's weights and moved
