@@ -239,24 +239,21 @@ class WGANGPTrainer(Trainer):
         _set_requires_grad(self.critic, False)
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            l1 = self.supervised_loss(pred, target)
-            with self._autocast(pred.device):
-                # the frozen critic, unwrapped: under DistributedDataParallel its parameters get no gradient here
-                adversarial = -self._score(pred, condition, unwrap(self.critic)).mean()
-            loss = self.l1_weight * l1 + self.lambda_adv * adversarial
-            loss.backward()
+            losses = self.generator_losses(pred, target, condition)
+            losses["loss"].backward()
             self.optimizer.step()
         finally:
             _set_requires_grad(self.critic, True)
-        return {"loss": loss.detach(), "loss_l1": l1.detach(), "loss_adv": adversarial.detach()}
+        return {k: v.detach() for k, v in losses.items()}
 
-    @torch.no_grad()
     def generator_losses(
         self, pred: torch.Tensor, target: torch.Tensor, condition: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The generator's loss terms without an update (logged during the critic warm-up)."""
+        """The generator's loss ``l1_weight``·L1 + λ_adv·(−D(χ̂)) and its two terms (``loss``, ``loss_l1``,
+        ``loss_adv``); also logged, without an update, during the critic warm-up."""
         l1 = self.supervised_loss(pred, target)
         with self._autocast(pred.device):
+            # the critic unwrapped: under DistributedDataParallel its parameters get no gradient here
             adversarial = -self._score(pred, condition, unwrap(self.critic)).mean()
         return {"loss": self.l1_weight * l1 + self.lambda_adv * adversarial, "loss_l1": l1, "loss_adv": adversarial}
 
@@ -278,7 +275,8 @@ class WGANGPTrainer(Trainer):
         for _ in range(self.n_critic):
             critic_stats = self.critic_step(targets, pred, condition)
         if warming_up:
-            generator_stats = self.generator_losses(pred, targets, condition)
+            with torch.no_grad():
+                generator_stats = self.generator_losses(pred, targets, condition)
         else:
             generator_stats = self.generator_step(pred, targets, condition)
         engine.state.output = {

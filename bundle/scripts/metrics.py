@@ -216,33 +216,29 @@ def _nrmse_2016(r, t, m) -> float:
 _TRUTH_CACHE: OrderedDict = OrderedDict()
 _TRUTH_CACHE_SIZE = 8
 _TRUTH_CACHE_LOCK = threading.Lock()
-_TRUTH_KEY_LOCKS: dict = {}
 
 
 def _truth_cached(kind: str, arrays: Sequence[np.ndarray], compute: Callable[[], Any]) -> Any:
     """``compute()``, remembered for the next call with equal ``arrays`` (by content: shape, dtype and a BLAKE2
     digest of the bytes: about 50 ms for the truth and mask of a brain's box against 0.3 s for the truth's window sums
     and 0.75 s for its LoG, one thread, in a one-off profile) and the same ``kind`` (which names the computation and
-    its parameters). The last :data:`_TRUTH_CACHE_SIZE` results are kept. Thread-safe: concurrent calls with the same
-    key compute once (the others wait for it)."""
+    its parameters). The last :data:`_TRUTH_CACHE_SIZE` results are kept. Thread-safe: one lock around lookup and
+    computation, so concurrent calls with the same key compute once (callers all score against one truth, so they
+    would wait for each other's truth filtering anyway)."""
     digest = hashlib.blake2b(digest_size=16)
     for a in arrays:
         a = np.ascontiguousarray(a)
         digest.update(f"{a.shape}{a.dtype.str}".encode())
         digest.update(a.view(np.uint8).reshape(-1))
     key = (kind, digest.hexdigest())
-    with _TRUTH_CACHE_LOCK:  # threads scoring maps against one truth (CaseReport) compute each entry once
-        key_lock = _TRUTH_KEY_LOCKS.setdefault(key, threading.Lock())
-    with key_lock:
-        with _TRUTH_CACHE_LOCK:
-            if key in _TRUTH_CACHE:
-                _TRUTH_CACHE.move_to_end(key)
-                return _TRUTH_CACHE[key]
+    with _TRUTH_CACHE_LOCK:  # threads scoring maps against one truth (CaseReport) wait for its first computation
+        if key in _TRUTH_CACHE:
+            _TRUTH_CACHE.move_to_end(key)
+            return _TRUTH_CACHE[key]
         value = compute()
-        with _TRUTH_CACHE_LOCK:
-            _TRUTH_CACHE[key] = value
-            while len(_TRUTH_CACHE) > _TRUTH_CACHE_SIZE:
-                _TRUTH_KEY_LOCKS.pop(_TRUTH_CACHE.popitem(last=False)[0], None)
+        _TRUTH_CACHE[key] = value
+        while len(_TRUTH_CACHE) > _TRUTH_CACHE_SIZE:
+            _TRUTH_CACHE.popitem(last=False)
     return value
 
 
