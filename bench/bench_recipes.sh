@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Equal-time comparison of stage-1 training recipes (issue 16), each from the shipped weights, one after another.
+# Equal-time comparison of stage-1 training recipes (issue 16), from the shipped weights or from scratch (per arm,
+# below), one after another.
 #
 # Every arm is the bundle's own training workflow run through bench/gpu/train_for.py with the same wall-time budget
-# (TIME_BUDGET_S, default 1800 s, set-up and validations included), the same seed, learning rate and phantom mix; the
+# (TIME_BUDGET_S, default 1800 s, set-up and validations included), the same seed (SEED, default 4), learning rate,
+# phantom mix and validation interval (ITERATIONS_PER_EPOCH, default 100); the
 # best generator on the two validation brains (seeds 10000-10001) and its curve are kept per arm in
 # $OUT/<arm>/train_results.json. Run from the repository root; pin it to cores with taskset and set THREADS so that
 # other work does not share them, e.g.
@@ -11,7 +13,9 @@
 # tkd (a TKD estimate of the whole region as a second input channel, widened from the field-only weights),
 # tkdres (the same input, residual output: chi = TKD + backbone; the widened weights with the final convolution zeroed,
 # so it starts at the TKD map),
-# small (features 8-16-32-64-128 from scratch: more samples per hour).
+# small (features 8-16-32-64-128 from scratch: more samples per hour),
+# scratch (today's network from scratch: the reference for small and curriculum),
+# curriculum (today's network from scratch on 32³ patches for 1,500 iterations, 48³ for 1,000, then 64³).
 set -euo pipefail
 out=${1:?usage: bench_recipes.sh OUT_DIR ARM [ARM ...]}
 shift
@@ -21,7 +25,8 @@ threads=${THREADS:-2}
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 cd "$(dirname "$0")/../bundle"
 mkdir -p "$out"
-common=(--seed 4 --learning_rate 0.0003 --iterations_per_epoch 100 --epochs 40 --brain_pool_size 16)
+common=(--seed "${SEED:-4}" --learning_rate 0.0003 --iterations_per_epoch "${ITERATIONS_PER_EPOCH:-100}" --epochs 40
+    --brain_pool_size 16)
 for arm in "$@"; do
     case $arm in
         baseline) extra=(--pretrained models/model.pt) ;;
@@ -37,6 +42,8 @@ s.update({k: torch.zeros_like(s[k]) for k in ('backbone.final_conv.weight', 'bac
 torch.save(s, sys.argv[1])" "$out/model_2ch_res.pt"
             extra=(--pretrained "$out/model_2ch_res.pt" --estimate tkd --residual true) ;;
         small) extra=(--features "[8,16,32,64,128,8]" --learning_rate 0.001) ;;
+        scratch) extra=(--learning_rate 0.001) ;;
+        curriculum) extra=(--learning_rate 0.001 --patch_schedule "[[0, 32], [1500, 48], [2500, 64]]") ;;
         *) echo "unknown arm $arm" >&2; exit 2 ;;
     esac
     echo "== $arm: budget ${budget}s, ${threads} thread(s), $(date -u +%FT%TZ)"

@@ -86,6 +86,32 @@ def test_stream_is_deterministic_and_never_repeats():
     assert torch.equal(next(iter(single))["image"][0], a["image"][1])
 
 
+def test_patch_schedule_sets_the_patch_edge_per_batch():
+    stream = SyntheticPatchStream(
+        phantoms=[CoordinatePhantom()], flip_prob=0.0, mask_prob=0.0, snr=(1e6, 1e6), batch_size=2, seed=5,
+        patch_schedule=[[0, 32], [2, 48], [3, 64]],
+    )
+    shapes = [tuple(b["image"].shape[2:]) + tuple(b["label"].shape[2:]) for b, _ in zip(iter(stream), range(4))]
+    assert shapes == [(32,) * 3 + (16,) * 3, (32,) * 3 + (16,) * 3, (48,) * 3 + (32,) * 3, (64,) * 3 + (48,) * 3]
+    # the target is still the centre of the simulated region: context 16 + margin 8 from its corner for a 32³ patch
+    label = stream.sample(0)["label"][0]
+    assert label[0, 0, 0] == 24 * 1e4 + 24 * 1e2 + 24 and label[-1, -1, -1] == 39 * 1e4 + 39 * 1e2 + 39
+    # a resumed stream keeps the schedule (batch 3 is the first 64³ one), and sample i has its batch's edge
+    stream.start = 6
+    assert next(iter(stream))["image"].shape[2:] == (64, 64, 64)
+    assert stream.sample(5)["image"].shape[1:] == (48, 48, 48)
+    assert SyntheticPatchStream().patch_size_at(10**6) == 64
+    bad_schedules = (
+        ([[0, 40]], "multiples of 16"),
+        ([[0, 16]], "multiples of 16"),
+        ([[2, 32], [1, 64]], "increasing"),
+        ([[0]], "first batch, patch edge"),
+    )
+    for bad, match in bad_schedules:
+        with pytest.raises(ValueError, match=match):
+            SyntheticPatchStream(patch_schedule=bad)
+
+
 def test_oblique_b0_restricts_flips():
     assert SyntheticPatchStream(b0_direction=(0, 0, 1)).flip_axes == [0, 1, 2]
     assert SyntheticPatchStream(b0_direction=(0, 0.3, 0.9)).flip_axes == [0]
@@ -311,8 +337,9 @@ def test_training_config_has_the_realistic_source_and_weight_zero_builds_nothing
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     assert parser["phantom_weights"] == [0.3, 0.3, 0.4]  # the measured share (model card: phases 1m/1n)
     parser.update({"phantom_weights": [1.0, 0.0, 0.0], "device": "$torch.device('cpu')"})
-    parser.update({"features": [4, 4, 8, 8, 8, 4]})
+    parser.update({"features": [4, 4, 8, 8, 8, 4], "patch_schedule": [[0, 32], [5, 64]]})
     stream = parser.get_parsed_content("train#synthetic")
+    assert stream.patch_size_at(4) == 32 and stream.patch_size_at(5) == 64  # the config's curriculum reaches the stream
     source = stream.phantoms[2]
     assert isinstance(source, RealisticHeadPatchPhantom) and source.pool_size == parser["head_pool_size"]
     assert source.b0_direction == stream.b0_direction and source.seed != stream.phantoms[1].seed

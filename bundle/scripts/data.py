@@ -117,6 +117,13 @@ class SyntheticPatchStream(IterableDataset):
             channels (an estimate of χ): noise is then added to the whole region's field, the channels are computed
             over the region (as inference computes them over the whole volume) and cropped to the patch. ``None``:
             the field patch only.
+        patch_schedule: a patch-size curriculum, ``[[first batch, patch edge], ...]`` with increasing first
+            batches: from that batch of the stream on, samples have that patch edge (a multiple of 16 above
+            ``2·margin``, so the U-Net's four poolings fit; the target stays the central crop inside ``margin``).
+            Batches before the first entry use ``patch_size``. Batches are counted over the whole stream: one per
+            iteration in a single process, ``world size × workers`` per iteration otherwise. Small patches are
+            cheaper per step but see less of the field's non-local context; end on ``patch_size``, the size
+            inference tiles with. ``None``: always ``patch_size``.
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class SyntheticPatchStream(IterableDataset):
         seed: int = 0,
         device: str | torch.device = "cpu",
         prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        patch_schedule: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         from .phantoms import RandomSourcePhantom
@@ -151,6 +159,7 @@ class SyntheticPatchStream(IterableDataset):
         if snr[0] <= 0 or snr[1] < snr[0]:
             raise ValueError(f"snr must be (min, max) with 0 < min <= max, got {snr!r}")
         self.patch_size, self.margin, self.context = int(patch_size), int(margin), int(context)
+        self.patch_schedule = self._check_schedule(patch_schedule)
         self.voxel_size = tuple(float(v) for v in voxel_size)
         self.b0_direction = tuple(float(v) for v in b0_direction)
         # flipping axis i maps D(k; b) to D(k; b with b_i negated): valid iff that is the same kernel
@@ -171,11 +180,41 @@ class SyntheticPatchStream(IterableDataset):
         self.device = torch.device(device)
         self.start = 0  # index of the first sample; set on resume so that the stream does not repeat
 
-    def sample(self, index: int) -> dict[str, torch.Tensor]:
+    def _check_schedule(self, schedule: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int], ...]:
+        if schedule is None:
+            return ()
+        pairs = []
+        for entry in schedule:
+            if len(entry) != 2 or int(entry[0]) != entry[0] or int(entry[1]) != entry[1]:
+                raise ValueError(f"patch_schedule entries must be [first batch, patch edge] integers, got {entry!r}")
+            first, edge = int(entry[0]), int(entry[1])
+            if first < 0 or (pairs and first <= pairs[-1][0]):
+                raise ValueError(
+                    f"patch_schedule's first batches must be non-negative and increasing, got {schedule!r}"
+                )
+            if edge <= 2 * self.margin or edge % 16:
+                raise ValueError(
+                    f"patch_schedule's patch edges must be multiples of 16 above 2 * margin ({2 * self.margin}), "
+                    f"got {edge}"
+                )
+            pairs.append((first, edge))
+        return tuple(pairs)
+
+    def patch_size_at(self, batch: int) -> int:
+        """Patch edge (voxels) of the stream's batch number ``batch`` under ``patch_schedule``."""
+        edge = self.patch_size
+        for first, size in self.patch_schedule:
+            if batch >= first:
+                edge = size
+        return edge
+
+    def sample(self, index: int, patch_size: int | None = None) -> dict[str, torch.Tensor]:
         """Simulate sample ``index``: ``{"image": (K, P, P, P) field ppm (and estimate channels), "label": (1, C, C, C)
-        χ ppm}``."""
+        χ ppm}`` with ``P`` = ``patch_size`` (default: that of the schedule at the sample's batch) and
+        ``C = P − 2·margin``."""
         gen = torch.Generator().manual_seed(self.seed * _STREAM_STRIDE + index)
-        size = self.patch_size + 2 * self.context
+        p = self.patch_size_at(index // self.batch_size) if patch_size is None else int(patch_size)
+        size = p + 2 * self.context
         shape = (size, size, size)
         phantom = self.phantoms[int(torch.multinomial(self.weights, 1, generator=gen))]
         chi = phantom(shape, self.voxel_size, generator=gen, device=self.device)
@@ -195,7 +234,7 @@ class SyntheticPatchStream(IterableDataset):
             field = forward_field(chi, self.voxel_size, self.b0_direction, mask=mask, pad=self.pad)
         else:
             field = given.to(device=self.device, dtype=torch.float32) * mask
-        c, p = self.context, self.patch_size
+        c = self.context
         inner = (slice(c, c + p),) * 3
         if self.prepare is None:  # field-only input: the patch's field, demeaned in its mask, noise on the patch
             field, chi, mask = field[inner], chi[inner], mask[inner]
@@ -234,7 +273,8 @@ class SyntheticPatchStream(IterableDataset):
         batch = self.start // self.batch_size
         while True:
             first = (batch * stride + lane) * self.batch_size
-            samples = [self.sample(first + j) for j in range(self.batch_size)]
+            size = self.patch_size_at(first // self.batch_size)  # one patch edge per batch, so that it stacks
+            samples = [self.sample(first + j, size) for j in range(self.batch_size)]
             yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
             batch += 1
 
