@@ -10,7 +10,8 @@ would recover.
 
 Usage (from the repository root)::
 
-    python bench/error_spectrum.py --field F.nii.gz --mask M.nii.gz --chi CHI.nii.gz [--checkpoint bundle/models/model.pt]
+    python bench/error_spectrum.py --field F.nii.gz --mask M.nii.gz --chi CHI.nii.gz \
+        [--checkpoint bundle/models/model.pt]
 """
 
 from __future__ import annotations
