@@ -182,6 +182,13 @@ def test_phantom_mask_masks_field_and_target():
     assert torch.allclose(chi[~target_inside], torch.tensor(0.0)) and torch.allclose(
         chi[target_inside], torch.tensor(0.1)
     )
+    # the field's mask on the target crop comes with the sample (for the loss's dipole term), flipped with χ
+    assert s["mask"].shape == (1, 20, 20, 20) and torch.equal(s["mask"][0].bool(), target_inside)
+    flipped = SyntheticPatchStream(
+        phantoms=[HalfSpacePhantom()], patch_size=32, margin=6, context=8, mask_prob=0.0, flip_prob=1.0, snr=(1e6, 1e6)
+    ).sample(0)
+    assert torch.equal(flipped["mask"][0].bool(), target_inside.flip(0))
+    assert torch.equal(flipped["label"][0] > 0.05, flipped["mask"][0].bool())
 
 
 def test_stream_with_estimate_channels_computes_them_over_the_region():

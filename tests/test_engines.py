@@ -17,7 +17,9 @@ from scripts.engines import (
     WGANGPTrainer,
     averaged_copy,
     gradient_penalty,
+    prepare_batch_with_mask,
 )
+from scripts.losses import QSMLoss
 from scripts.networks import QSMCritic, QSMGenerator, qsmgan_unet
 
 
@@ -170,6 +172,26 @@ def test_n_critic_updates_per_generator_update_and_generator_loss():
     for loss, (total, adversarial) in zip(losses, expected):
         assert abs(float(adversarial)) > 1e-4 * abs(float(total))  # the adversarial term is not negligible
         assert torch.allclose(torch.as_tensor(loss), total, rtol=1e-5, atol=1e-7), (loss, total)
+
+
+def test_batches_with_a_mask_give_the_loss_its_mask_and_the_critic_chi_only():
+    image, label = torch.randn(2, 1, 32, 32, 32), torch.randn(2, 1, 16, 16, 16)
+    mask = (torch.rand(2, 1, 16, 16, 16) > 0.5).float()
+    inputs, target = prepare_batch_with_mask({"image": image, "label": label, "mask": mask})
+    assert torch.equal(inputs, image) and torch.equal(target, torch.cat([label, mask], 1))
+    assert prepare_batch_with_mask({"image": image, "label": label})[1] is label  # no mask: the label as it is
+    with pytest.raises(ValueError, match="mask"):
+        prepare_batch_with_mask({"image": image, "label": label, "mask": mask[..., :8]})
+    # stage 2 with the dipole term: its critic judges χ alone (one channel), its supervised loss gets the mask
+    trainer, generator, critic = tiny_gan()
+    seen = []
+    trainer.supervised_loss = QSMLoss(dipole_weight=1.0)
+    trainer.critic.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    trainer.data_loader = [{"image": image * 0.05, "label": label * 0.1, "mask": mask}]
+    trainer.state.epoch_length = 1
+    trainer.run()
+    assert seen and set(seen) == {1}
+    assert trainer.state.output[0]["label"].shape == (1, 16, 16, 16)  # decollated: the χ channel
 
 
 def test_critic_warmup_updates_only_the_critic_then_both():

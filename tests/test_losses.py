@@ -39,7 +39,8 @@ def test_dipole_term_is_the_mean_absolute_field_of_the_error():
     pred = target + torch.from_numpy(error).float()[None, None]
     voxel, b0 = (1.0, 1.0, 2.0), (0.0, 0.6, 0.8)
     loss = QSMLoss(l1_weight=0.0, dipole_weight=1.0, voxel_size=voxel, b0_direction=b0)(pred, target)
-    expected = np.abs(numpy_dipole_field(error, voxel, b0, pads=(6, 6, 5))).mean()  # padding: half of each side
+    field = numpy_dipole_field(error, voxel, b0, pads=(6, 6, 5))  # padding: half of each side
+    expected = np.abs(field - field.mean()).mean()  # no mask: demeaned over the whole patch
     assert loss.item() == pytest.approx(expected, rel=1e-3)
     total = QSMLoss(l1_weight=2.0, dipole_weight=0.5, voxel_size=voxel, b0_direction=b0)(pred, target)
     assert total.item() == pytest.approx(2.0 * np.abs(error).mean() + 0.5 * expected, rel=1e-3)
@@ -48,3 +49,29 @@ def test_dipole_term_is_the_mean_absolute_field_of_the_error():
     assert QSMLoss(l1_weight=0.0, dipole_weight=1.0)(target + 0.0, target).item() == 0.0
     with pytest.raises(ValueError, match="dipole"):
         QSMLoss(dipole_weight=-1.0)
+
+
+def test_dipole_term_with_a_mask_is_demeaned_and_averaged_in_the_mask():
+    rng = np.random.default_rng(1)
+    shape, voxel, b0 = (12, 10, 12), (1.0, 1.0, 1.0), (0.0, 0.0, 1.0)
+    errors = rng.normal(0, 0.1, (2, *shape))
+    masks = np.zeros((2, *shape))
+    masks[0, 2:10, 2:8, 3:11] = 1
+    masks[1, 4:9, 1:9, 2:7] = 1
+    target = torch.zeros(2, 1, *shape)
+    pred = torch.from_numpy(errors).float()[:, None]
+    with_mask = torch.cat([target, torch.from_numpy(masks).float()[:, None]], dim=1)
+    loss = QSMLoss(l1_weight=0.0, dipole_weight=1.0)(pred, with_mask)
+    total, count = 0.0, 0.0
+    for error, mask in zip(errors, masks):  # QSMnet's ‖M(D⊛χ̂ − b)‖₁ with b = D⊛χ, demeaned in M, mean over M
+        field = numpy_dipole_field(error, voxel, b0, pads=(6, 5, 6))
+        inside = field[mask > 0]
+        total += np.abs(inside - inside.mean()).sum()
+        count += mask.sum()
+    assert loss.item() == pytest.approx(total / count, rel=1e-3)
+    # the mask changes only the dipole term: L1 still compares the whole χ cube
+    l1 = QSMLoss()(pred, with_mask)
+    assert l1.item() == pytest.approx(np.abs(errors).mean(), rel=1e-5)
+    # and the mask matters: over the whole patch the term is another number
+    unmasked = QSMLoss(l1_weight=0.0, dipole_weight=1.0)(pred, target)
+    assert unmasked.item() != pytest.approx(loss.item(), rel=1e-2)

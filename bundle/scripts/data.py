@@ -210,8 +210,8 @@ class SyntheticPatchStream(IterableDataset):
 
     def sample(self, index: int, patch_size: int | None = None) -> dict[str, torch.Tensor]:
         """Simulate sample ``index``: ``{"image": (K, P, P, P) field ppm (and estimate channels), "label": (1, C, C, C)
-        χ ppm}`` with ``P`` = ``patch_size`` (default: that of the schedule at the sample's batch) and
-        ``C = P − 2·margin``."""
+        χ ppm, "mask": (1, C, C, C) the field's mask on the target (1 inside, 0 outside)}`` with ``P`` =
+        ``patch_size`` (default: that of the schedule at the sample's batch) and ``C = P − 2·margin``."""
         gen = torch.Generator().manual_seed(self.seed * _STREAM_STRIDE + index)
         p = self.patch_size_at(index // self.batch_size) if patch_size is None else int(patch_size)
         size = p + 2 * self.context
@@ -244,11 +244,25 @@ class SyntheticPatchStream(IterableDataset):
             field = field if given is not None else self._add_noise(field, mask, gen)
             field = self.prepare(field[None, None])[0][(slice(None), *inner)]
             chi = chi[inner]
+        flips = {}
         for axis in self.flip_axes:
-            if torch.rand(1, generator=gen).item() < self.flip_prob:
+            flips[axis] = torch.rand(1, generator=gen).item() < self.flip_prob
+            if flips[axis]:
                 field, chi = field.flip(axis + 1), chi.flip(axis)
+        if self.prepare is None:
+            mask = mask.float()
+        else:
+            mask = mask[inner].float()
+        for axis in self.flip_axes:
+            if flips[axis]:
+                mask = mask.flip(axis)
         m = self.margin
-        return {"image": field.contiguous(), "label": chi[None, m : p - m, m : p - m, m : p - m].contiguous()}
+        crop = (slice(m, p - m),) * 3
+        return {
+            "image": field.contiguous(),
+            "label": chi[None][(slice(None), *crop)].contiguous(),
+            "mask": mask[None][(slice(None), *crop)].contiguous(),
+        }
 
     def _add_noise(self, field: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Gaussian noise at a log-uniform SNR in ``snr`` (σ = RMS of the field in the mask / SNR), zero outside."""

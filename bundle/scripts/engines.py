@@ -33,6 +33,7 @@ from .losses import QSMLoss
 from .networks import resolve_autocast
 
 __all__ = [
+    "prepare_batch_with_mask",
     "gradient_penalty",
     "WGANGPTrainer",
     "gan_log_values",
@@ -55,6 +56,26 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_batch_with_mask(
+    batchdata: Mapping[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainers' ``prepare_batch``: ``(image, target)`` with the batch's ``mask`` (the field's mask on the target
+    crop) appended to the χ label as its last channel, so that :class:`~scripts.losses.QSMLoss` can restrict its
+    dipole term to the mask; ``(image, label)`` when the batch has no mask.
+
+    Shapes: image (B, K, P, P, P); label and mask (B, 1, C, C, C) → target (B, 2, C, C, C).
+    """
+    image = batchdata[Keys.IMAGE].to(device=device, non_blocking=non_blocking)
+    label = batchdata[Keys.LABEL].to(device=device, non_blocking=non_blocking)
+    mask = batchdata.get("mask")
+    if mask is None:
+        return image, label
+    mask = mask.to(device=device, dtype=label.dtype, non_blocking=non_blocking)
+    if mask.shape != label.shape:
+        raise ValueError(f"the batch's mask {tuple(mask.shape)} must have the label's shape {tuple(label.shape)}")
+    return image, torch.cat([label, mask], dim=1)
 
 
 def gradient_penalty(
@@ -177,6 +198,7 @@ class WGANGPTrainer(Trainer):
         train_handlers=None,
         non_blocking: bool = False,
         decollate: bool = True,
+        prepare_batch=prepare_batch_with_mask,
     ) -> None:
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")
@@ -192,6 +214,7 @@ class WGANGPTrainer(Trainer):
             non_blocking=non_blocking,
             handlers=train_handlers,
             decollate=decollate,
+            prepare_batch=prepare_batch,
         )
         self.network, self.critic = network, critic
         self.optimizer, self.critic_optimizer = optimizer, critic_optimizer
@@ -261,6 +284,7 @@ class WGANGPTrainer(Trainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        real = targets[:, :1]  # χ; a second channel is the mask, for the supervised loss's dipole term
         condition = self._condition(inputs)
         self.network.train()
         # ε of the penalty depends on (seed, iteration) only, so that a resumed run draws what the uninterrupted one
@@ -273,7 +297,7 @@ class WGANGPTrainer(Trainer):
         else:
             pred = self.network(inputs)  # G is unchanged by the critic steps: one forward pass serves all updates
         for _ in range(self.n_critic):
-            critic_stats = self.critic_step(targets, pred, condition)
+            critic_stats = self.critic_step(real, pred, condition)
         if warming_up:
             with torch.no_grad():
                 generator_stats = self.generator_losses(pred, targets, condition)
@@ -281,7 +305,7 @@ class WGANGPTrainer(Trainer):
             generator_stats = self.generator_step(pred, targets, condition)
         engine.state.output = {
             Keys.IMAGE: inputs,
-            Keys.LABEL: targets,
+            Keys.LABEL: real,
             Keys.PRED: pred.detach(),
             **generator_stats,
             **{k: torch.tensor(v) for k, v in critic_stats.items()},

@@ -15,14 +15,18 @@ __all__ = ["QSMLoss"]
 class QSMLoss(nn.Module):
     """Supervised QSMGAN loss: L1 on χ (ppm), optionally a gradient-difference and a dipole (model) term.
 
-    loss = l1_weight · mean|χ̂ − χ| + gdl_weight · Σ_axes mean| |∇χ̂| − |∇χ| | + dipole_weight · mean|D ⊛ (χ̂ − χ)|
+    loss = l1_weight · mean|χ̂ − χ| + gdl_weight · Σ_axes mean| |∇χ̂| − |∇χ| | + dipole_weight · mean_M|e − ē_M|,
+    e = D ⊛ (χ̂ − χ)
 
-    The dipole term (QSMnet's model loss, with the field of the true χ patch standing for the measured one, so that
-    sources outside the patch cancel) penalises errors in what the field can see, in ppm of field; D ⊛ is computed
-    with zero padding (:func:`scripts.physics.forward_field`) on ``voxel_size`` / ``b0_direction``.
+    The dipole term is QSMnet's model loss ‖M(D⊛χ̂ − b)‖₁ with the field of the true χ patch standing for the
+    measured b (so that sources outside the patch cancel): the error's field, demeaned in the mask M (a local field
+    is defined up to a constant there) and averaged over M, in ppm of field; what the field cannot see costs
+    nothing. D ⊛ is computed with zero padding (:func:`scripts.physics.forward_field`) on ``voxel_size`` /
+    ``b0_direction``. The mask comes as a last channel of ``target`` (the training batches'
+    :func:`scripts.engines.prepare_batch_with_mask`); without it M is the whole patch.
 
     Shapes:
-        pred, target (B, 1, X, Y, Z), ppm.
+        pred (B, 1, X, Y, Z) ppm; target (B, 1, X, Y, Z) χ ppm, or (B, 2, X, Y, Z): χ and the mask (1 inside).
     """
 
     def __init__(
@@ -40,8 +44,14 @@ class QSMLoss(nn.Module):
         self.voxel_size, self.b0_direction = tuple(voxel_size), tuple(b0_direction)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if target.ndim == pred.ndim and target.shape[1] == pred.shape[1] + 1:  # χ and the mask as its last channel
+            target, mask = target[:, :-1], target[:, -1:]
         if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+            raise ValueError(
+                f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape (a target may carry "
+                "one more channel, the mask)"
+            )
         loss = self.l1_weight * (pred - target).abs().mean()
         if self.gdl_weight > 0:
             for axis in (-3, -2, -1):
@@ -49,5 +59,11 @@ class QSMLoss(nn.Module):
                 loss = loss + self.gdl_weight * (gp - gt).abs().mean()
         if self.dipole_weight > 0:
             error_field = forward_field((pred - target).float(), self.voxel_size, self.b0_direction)
-            loss = loss + self.dipole_weight * error_field.abs().mean()
+            if mask is None:
+                mask = torch.ones_like(error_field)
+            mask = mask.to(error_field.dtype)
+            dims = tuple(range(2, error_field.ndim))
+            count = mask.sum(dim=dims, keepdim=True)
+            mean = (error_field * mask).sum(dim=dims, keepdim=True) / count.clamp(min=1)
+            loss = loss + self.dipole_weight * ((error_field - mean).abs() * mask).sum() / count.sum().clamp(min=1)
         return loss
