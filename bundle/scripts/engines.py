@@ -59,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_batch_with_mask(
-    batchdata: Mapping[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+    batchdata: Mapping[str, torch.Tensor],
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainers' ``prepare_batch``: ``(image, target)`` with the batch's ``mask`` (the field's mask on the target
     crop) appended to the χ label as its last channel, so that :class:`~scripts.losses.QSMLoss` can restrict its
