@@ -6,7 +6,7 @@ known χ on the network's grid (1 mm, B0 along the third axis, e.g. a case writt
 e = χ̂ − χ and the truth by |k| (mm⁻¹) and by |D(k)|: per band, the share of the error energy and the band's
 error relative to the truth's energy there. Error concentrated where |D| is small (the magic-angle cone) is the
 ill-posedness no inversion removes; error where |D| is large is what the field determines and a better inverse
-would recover.
+would recover (``--masked_tikhonov`` prints the same table for the classical masked Tikhonov, for comparison).
 
 Usage (from the repository root)::
 
@@ -32,12 +32,15 @@ K_BANDS = ((0.0, 0.02), (0.02, 0.05), (0.05, 0.1), (0.1, 0.2), (0.2, 1.0))
 D_BANDS = ((0.0, 0.1), (0.1, 0.2), (0.2, 1.0))
 
 
-def network_alone(checkpoint: str, field: np.ndarray) -> np.ndarray:
-    """The generator of ``inference.json`` with ``checkpoint``, through its sliding-window inferer (ppm in, ppm out)."""
+def network_alone(checkpoint: str, field: np.ndarray, window: int | None = None) -> np.ndarray:
+    """The generator of ``inference.json`` with ``checkpoint``, through its sliding-window inferer (ppm in, ppm out);
+    ``window``: another input window edge than the configuration's 64 (a multiple of 16; the crop margin stays)."""
     from scripts.engines import load_weights
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    if window is not None:
+        parser["patch_size"] = int(window)
     network = parser.get_parsed_content("network_def")
     load_weights(network, checkpoint)
     network.eval()
@@ -75,6 +78,10 @@ def main() -> None:
     parser.add_argument("--mask", required=True)
     parser.add_argument("--chi", required=True, help="true χ, ppm")
     parser.add_argument("--checkpoint", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--window", type=int, nargs="+", default=[None], help="window edges to compare (default 64)")
+    parser.add_argument(
+        "--masked_tikhonov", action="store_true", help="also the classical masked Tikhonov (its defaults)"
+    )
     args = parser.parse_args()
     field_image = nib.load(args.field)
     voxel = tuple(float(v) for v in field_image.header.get_zooms()[:3])
@@ -85,8 +92,16 @@ def main() -> None:
     mask = np.asarray(nib.load(args.mask).dataobj) > 0.5
     truth = np.asarray(nib.load(args.chi).dataobj, dtype=np.float64)
     field = np.asarray(field_image.dataobj, dtype=np.float64) * mask
-    pred = network_alone(args.checkpoint, field).astype(np.float64)
-    print("\n".join(spectrum_table(pred, truth, mask, voxel)))
+    for window in args.window:
+        pred = network_alone(args.checkpoint, field, window).astype(np.float64)
+        print(f"window {window or 64}³:")
+        print("\n".join(spectrum_table(pred, truth, mask, voxel)))
+    if args.masked_tikhonov:
+        from scripts.baselines.iterative import masked_tikhonov
+
+        chi = masked_tikhonov(torch.from_numpy(field).float(), torch.from_numpy(mask), voxel, (0.0, 0.0, 1.0))
+        print("masked Tikhonov:")
+        print("\n".join(spectrum_table(chi.double().numpy(), truth, mask, voxel)))
 
 
 if __name__ == "__main__":
