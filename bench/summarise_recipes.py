@@ -41,7 +41,8 @@ def table(arms: dict[str, str], minutes: list[float]) -> str:
             cells.append("—" if r is None else f"{r['val_nrmse']:.2f} ({r['trained_iterations']:,})")
         best = min(records, key=lambda r: r["val_nrmse"])
         cells.append(f"{best['val_nrmse']:.2f} ({best['trained_iterations']:,}, {best['elapsed_s'] / 60:.0f})")
-        cells.append(f"{results.get('it_per_s_steady', float('nan')):.2f}")
+        rate = results.get("it_per_s_steady")
+        cells.append("—" if rate is None else f"{rate:.2f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

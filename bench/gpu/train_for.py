@@ -20,7 +20,9 @@ Values are read as JSON where they parse as JSON (``true``, ``null``, ``[4,4,8,8
   the run's last epoch is brought forward if needed (or back again, up to ``--epochs``, when later epochs run
   faster than the first) and a ``CosineAnnealingLR`` schedule is rescaled to end there; a time limit (as
   ``ignite.handlers.TimeLimit``, but leaving room for one last validation) stops training mid-epoch if an epoch
-  overruns, and the partial epoch is then validated once more.
+  overruns, and the partial epoch is then validated once more. When no whole epoch fits but a quarter of one does,
+  one more is started and the time limit ends it, so that a run with long epochs (e.g. several arms sharing the
+  cores) still trains to its budget instead of stopping after its first epoch.
 
 Environment:
     TIME_BUDGET_S   wall seconds for the whole process, imports and data set-up included (default 480)
@@ -310,7 +312,10 @@ def main() -> None:
     def on_epoch_completed(engine) -> None:  # after the config's LR step and validation
         now = time.perf_counter()
         epoch_s = now - state["epoch_start"]
-        fit = int((deadline - now - 5.0) // (1.05 * epoch_s))
+        left = deadline - now - 5.0
+        fit = int(left // (1.05 * epoch_s))
+        if fit == 0 and left > 0.25 * epoch_s:  # a long epoch: start it, the time limit ends it (validated partial)
+            fit = 1
         # the first epochs are slower (brain pool built on the CPU, cuDNN warm-up): the plan may grow back again
         new_max = min(state["planned_epochs"], engine.state.epoch + max(fit, 0))
         if new_max != engine.state.max_epochs:
