@@ -243,25 +243,16 @@ class SyntheticPatchStream(IterableDataset):
         else:  # whole-region channels: noise on the region's field, then the channels over the region, then crop
             field = field if given is not None else self._add_noise(field, mask, gen)
             field = self.prepare(field[None, None])[0][(slice(None), *inner)]
-            chi = chi[inner]
-        flips = {}
+            chi, mask = chi[inner], mask[inner]
         for axis in self.flip_axes:
-            flips[axis] = torch.rand(1, generator=gen).item() < self.flip_prob
-            if flips[axis]:
-                field, chi = field.flip(axis + 1), chi.flip(axis)
-        if self.prepare is None:
-            mask = mask.float()
-        else:
-            mask = mask[inner].float()
-        for axis in self.flip_axes:
-            if flips[axis]:
-                mask = mask.flip(axis)
+            if torch.rand(1, generator=gen).item() < self.flip_prob:
+                field, chi, mask = field.flip(axis + 1), chi.flip(axis), mask.flip(axis)
         m = self.margin
         crop = (slice(m, p - m),) * 3
         return {
             "image": field.contiguous(),
             "label": chi[None][(slice(None), *crop)].contiguous(),
-            "mask": mask[None][(slice(None), *crop)].contiguous(),
+            "mask": mask[None][(slice(None), *crop)].float().contiguous(),
         }
 
     def _add_noise(self, field: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
