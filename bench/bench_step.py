@@ -12,8 +12,8 @@ taken in turn for ``--rounds`` rounds so that a drift of the host's speed reache
   the steps);
 * with ``--patch 32 48``: the default variant on smaller patches (the patch-size curriculum's cheaper steps).
 
-Then the synthetic stream's own cost (``--data_batches`` batches of the default phantom mix, after its pools are
-built) gives the share of an iteration that overlapping data generation with the step could save at most.
+The data's share of an iteration, and what overlapping it with the step gives, is ``bench/bench_training.py``'s
+(``--num_workers 0|1``), which runs the bundle's own trainer.
 
 Usage (from the repository root; pin it and set the threads, e.g. one core)::
 
@@ -88,7 +88,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--data_batches", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -123,34 +122,15 @@ def main() -> None:
                 t = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t)
-    reference = min(times["fp32"]) if "fp32" in times else None
+    reference = sorted(times["fp32"])[len(times["fp32"]) // 2] if "fp32" in times else None
     results = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "bf16_native": bf16_supported("cpu")}
     results["variants"] = {}
     for name, ts in times.items():
         best, median = min(ts), sorted(ts)[len(ts) // 2]
-        ratio = f", {reference / best:.2f}x fp32" if reference else ""
+        ratio = f", {reference / median:.2f}x fp32 (medians)" if reference else ""
         print(f"{name:>22}: step {median:.3f} s median, {best:.3f} s best{ratio} ({len(ts)} steps)")
         results["variants"][name] = {"median_s": median, "best_s": best, "setup_s": setup[name]}
 
-    # pools of one head and two brains, built during the untimed first batches (a long run builds each member once)
-    stream = config({"brain_pool_size": 2, "head_pool_size": 1, "batch_size": args.batch_size}).get_parsed_content(
-        "train#synthetic"
-    )
-    batches = iter(stream)
-    start = time.perf_counter()
-    for _ in range(args.data_batches):
-        next(batches)
-    pools = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.data_batches):
-        next(batches)
-    data = (time.perf_counter() - start) / args.data_batches
-    step = results["variants"].get("bf16_cl", next(iter(results["variants"].values())))["median_s"]
-    print(
-        f"data: {data:.3f} s per batch of {args.batch_size} (default mix, after {pools:.0f} s of first batches), "
-        f"{100 * data / (data + step):.1f} % of an iteration with the bf16_cl step"
-    )
-    results["data_s_per_batch"] = data
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(results, indent=2))
 

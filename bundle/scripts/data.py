@@ -208,12 +208,12 @@ class SyntheticPatchStream(IterableDataset):
                 edge = size
         return edge
 
-    def sample(self, index: int, patch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
         """Simulate sample ``index``: ``{"image": (K, P, P, P) field ppm (and estimate channels), "label": (1, C, C, C)
-        χ ppm, "mask": (1, C, C, C) the field's mask on the target (1 inside, 0 outside)}`` with ``P`` =
-        ``patch_size`` (default: that of the schedule at the sample's batch) and ``C = P − 2·margin``."""
+        χ ppm, "mask": (1, C, C, C) the field's mask on the target (1 inside, 0 outside)}`` with ``P`` the
+        patch edge of the sample's batch (``index // batch_size``, see ``patch_schedule``) and ``C = P − 2·margin``."""
         gen = torch.Generator().manual_seed(self.seed * _STREAM_STRIDE + index)
-        p = self.patch_size_at(index // self.batch_size) if patch_size is None else int(patch_size)
+        p = self.patch_size_at(index // self.batch_size)
         size = p + 2 * self.context
         shape = (size, size, size)
         phantom = self.phantoms[int(torch.multinomial(self.weights, 1, generator=gen))]
@@ -278,8 +278,7 @@ class SyntheticPatchStream(IterableDataset):
         batch = self.start // self.batch_size
         while True:
             first = (batch * stride + lane) * self.batch_size
-            size = self.patch_size_at(first // self.batch_size)  # one patch edge per batch, so that it stacks
-            samples = [self.sample(first + j, size) for j in range(self.batch_size)]
+            samples = [self.sample(first + j) for j in range(self.batch_size)]  # one batch: one patch edge
             yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
             batch += 1
 

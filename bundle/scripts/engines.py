@@ -18,13 +18,14 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 from monai.engines import IterationEvents, Trainer
+from monai.engines.utils import default_prepare_batch
 from monai.handlers import CheckpointSaver
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -66,12 +67,11 @@ def prepare_batch_with_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainers' ``prepare_batch``: ``(image, target)`` with the batch's ``mask`` (the field's mask on the target
     crop) appended to the χ label as its last channel, so that :class:`~scripts.losses.QSMLoss` can restrict its
-    dipole term to the mask; ``(image, label)`` when the batch has no mask.
+    dipole term to the mask; ``(image, label)`` (MONAI's ``default_prepare_batch``) when the batch has no mask.
 
     Shapes: image (B, K, P, P, P); label and mask (B, 1, C, C, C) → target (B, 2, C, C, C).
     """
-    image = batchdata[Keys.IMAGE].to(device=device, non_blocking=non_blocking)
-    label = batchdata[Keys.LABEL].to(device=device, non_blocking=non_blocking)
+    image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
     mask = batchdata.get("mask")
     if mask is None:
         return image, label
@@ -201,7 +201,7 @@ class WGANGPTrainer(Trainer):
         train_handlers=None,
         non_blocking: bool = False,
         decollate: bool = True,
-        prepare_batch=prepare_batch_with_mask,
+        prepare_batch: Callable = prepare_batch_with_mask,
     ) -> None:
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")

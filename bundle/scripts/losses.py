@@ -58,12 +58,9 @@ class QSMLoss(nn.Module):
                 gp, gt = pred.diff(dim=axis).abs(), target.diff(dim=axis).abs()
                 loss = loss + self.gdl_weight * (gp - gt).abs().mean()
         if self.dipole_weight > 0:
-            error_field = forward_field((pred - target).float(), self.voxel_size, self.b0_direction)
             if mask is None:
-                mask = torch.ones_like(error_field)
-            mask = mask.to(error_field.dtype)
-            dims = tuple(range(2, error_field.ndim))
-            count = mask.sum(dim=dims, keepdim=True)
-            mean = (error_field * mask).sum(dim=dims, keepdim=True) / count.clamp(min=1)
-            loss = loss + self.dipole_weight * ((error_field - mean).abs() * mask).sum() / count.sum().clamp(min=1)
+                mask = torch.ones_like(pred)
+            # the local field of the error: demeaned in the mask, zero outside it
+            error_field = forward_field((pred - target).float(), self.voxel_size, self.b0_direction, mask=mask)
+            loss = loss + self.dipole_weight * error_field.abs().sum() / (mask > 0).sum().clamp(min=1)
         return loss
