@@ -13,6 +13,8 @@
 # tkd (a TKD estimate of the whole region as a second input channel, widened from the field-only weights),
 # tkdres (the same input, residual output: chi = TKD + backbone; the widened weights with the final convolution zeroed,
 # so it starts at the TKD map),
+# tkdalone (the TKD estimate alone as input, residual output: chi = TKD + backbone(TKD); the field-only weights with the
+# final convolution zeroed, so it also starts at the TKD map),
 # small (features 8-16-32-64-128 from scratch: more samples per hour),
 # scratch (today's network from scratch: the reference for small and curriculum),
 # curriculum (today's network from scratch on 32³ patches for 1,500 iterations, 48³ for 1,000, then 64³).
@@ -41,6 +43,11 @@ s = expand_input_channels(torch.load('models/model.pt'), 2); \
 s.update({k: torch.zeros_like(s[k]) for k in ('backbone.final_conv.weight', 'backbone.final_conv.bias')}); \
 torch.save(s, sys.argv[1])" "$out/model_2ch_res.pt"
             extra=(--pretrained "$out/model_2ch_res.pt" --estimate tkd --residual true) ;;
+        tkdalone)
+            python -c "import sys, torch; sys.path.insert(0, '.'); s = torch.load('models/model.pt'); \
+s.update({k: torch.zeros_like(s[k]) for k in ('backbone.final_conv.weight', 'backbone.final_conv.bias')}); \
+torch.save(s, sys.argv[1])" "$out/model_alone_res.pt"
+            extra=(--pretrained "$out/model_alone_res.pt" --estimate tkd --residual true --field_channel false) ;;
         small) extra=(--features "[8,16,32,64,128,8]" --learning_rate 0.001) ;;
         scratch) extra=(--learning_rate 0.001) ;;
         curriculum) extra=(--learning_rate 0.001 --patch_schedule "[[0, 32], [1500, 48], [2500, 64]]") ;;

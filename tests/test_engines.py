@@ -450,6 +450,8 @@ def test_sidecar_beside_saved_weights_and_resume_from_weights(tmp_path, caplog):
     assert record["iteration"] == 2 and record["epoch"] == 1 and record["epoch_length"] == 2
     assert record["stream_start"] == 4 and record["seed"] == 0 and record["features"] == [4, 4, 8, 8, 8, 4]
     assert record["lr_scheduler"]["last_epoch"] == 1 and record["date"]
+    # the generator's inputs, so that whoever loads the weights knows how to build the network
+    assert (record["estimate"], record["residual"], record["field_channel"]) == (None, False, True)
     saved = torch.load(tmp_path / "first" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
 
     # a new output folder (no optimizer checkpoint), continuing from the weights and their sidecar

@@ -151,6 +151,25 @@ def test_residual_output_adds_the_estimate_and_scales_channels():
         QSMGenerator(identity, estimate="medi")
 
 
+def test_estimate_alone_backbone_reads_only_the_estimate():
+    """field_channel=False: the backbone sees the scaled estimate channel only, the output adds the estimate back,
+    and the field has no effect at a fixed estimate; without an estimate it is refused."""
+    torch.manual_seed(0)
+    backbone = nn.Conv3d(1, 1, 3, padding=1)
+    net = QSMGenerator(backbone, margin=2, chi_scale=5.0, estimate="tkd", residual=True, field_channel=False).eval()
+    estimate = torch.randn(1, 1, 12, 12, 12) * 0.1
+    x = torch.cat([torch.randn(1, 1, 12, 12, 12) * 0.05, estimate], dim=1)
+    with torch.inference_mode():
+        out = net(x)
+        other_field = net(torch.cat([torch.randn_like(estimate), estimate], dim=1))
+        expected = estimate[..., 2:-2, 2:-2, 2:-2] + backbone(estimate * 5.0)[..., 2:-2, 2:-2, 2:-2] / 5.0
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(other_field, out)
+    assert small(estimate="tkd", field_channel=False).backbone.conv_0.conv_0.conv.in_channels == 1
+    with pytest.raises(ValueError, match="field_channel=False needs an estimate"):
+        QSMGenerator(backbone, field_channel=False)
+
+
 def test_inferer_gives_every_window_the_whole_region_estimate():
     """Tiled inference of an estimate-reading generator equals the network run on the prepared whole volume."""
     from scripts.inference import CropSlidingWindowInferer

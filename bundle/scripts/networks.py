@@ -8,7 +8,8 @@ sees the non-local field around it.
 Optionally (``estimate="tkd"``) the generator also reads a whole-region k-space estimate of χ: before tiling, the
 inferer calls :meth:`QSMGenerator.prepare_input` on the whole volume, which appends a TKD solution of the same
 field as a second channel, so that every 64³ window carries the low-frequency information of the whole region
-that a 64³ field patch alone cannot. With ``residual=True`` the backbone predicts a correction to that estimate.
+that a 64³ field patch alone cannot. With ``residual=True`` the backbone predicts a correction to that estimate;
+with ``field_channel=False`` it reads the estimate alone (χ = estimate + backbone(estimate)).
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ class QSMGenerator(nn.Module):
     """QSMGAN generator: local field (ppm) → χ (ppm), with a centre-crop head.
 
     Arguments:
-        backbone: a fully convolutional network with ``1`` input channel (``estimate=None``) or ``2`` (with an
-            estimate) and 1 output channel; default the QSMGAN U-Net (:func:`qsmgan_unet`: BasicUNet, LeakyReLU(0.1),
-            BatchNorm) with ``features`` and the input channels the estimate needs.
+        backbone: a fully convolutional network with ``1`` input channel (``estimate=None``, or the estimate alone)
+            or ``2`` (field and estimate) and 1 output channel; default the QSMGAN U-Net (:func:`qsmgan_unet`:
+            BasicUNet, LeakyReLU(0.1), BatchNorm) with ``features`` and the input channels it reads.
 
     Keywords:
         features: the default backbone's feature counts (BasicUNet's six).
@@ -103,6 +104,8 @@ class QSMGenerator(nn.Module):
             truncated k-space division of the field over the whole region given to :meth:`prepare_input`.
         estimate_threshold: TKD threshold δ of the estimate.
         residual: predict χ as the estimate plus the backbone's output (needs ``estimate``).
+        field_channel: the backbone reads the field (``True``); ``False`` (needs ``estimate``): it reads the estimate
+            alone, the field reaching it only through the estimate.
         voxel_size: voxel size (mm) of the grid the network runs on (used by the estimate; ``None``, the input's own
             grid, only without one; ignored then).
         b0_direction: B0 direction on that grid, voxel coordinates (used by the estimate).
@@ -116,7 +119,8 @@ class QSMGenerator(nn.Module):
     Shapes:
         input (B, C, X, Y, Z) with X, Y, Z multiples of 16, C = 1 (field; with an estimate, the estimate is then
         computed on the patch itself, a fallback: whole volumes go through :meth:`prepare_input`) or C = 2 (field,
-        estimate) → output (B, 1, X − 2m, Y − 2m, Z − 2m).
+        estimate) → output (B, 1, X − 2m, Y − 2m, Z − 2m). The input channels are the same with
+        ``field_channel=False``: the backbone then drops the field.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class QSMGenerator(nn.Module):
         estimate: str | None = None,
         estimate_threshold: float = 0.19,
         residual: bool = False,
+        field_channel: bool = True,
         voxel_size: Sequence[float] | None = (1.0, 1.0, 1.0),
         b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
         autocast: bool | str = False,
@@ -139,8 +144,12 @@ class QSMGenerator(nn.Module):
             raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
         if residual and estimate is None:
             raise ValueError("residual=True needs an estimate to add the backbone's output to")
-        self.in_channels = 1 if estimate is None else 2
-        self.backbone = backbone if backbone is not None else qsmgan_unet(features, in_channels=self.in_channels)
+        if not field_channel and estimate is None:
+            raise ValueError("field_channel=False needs an estimate for the backbone to read")
+        self.in_channels = 1 if estimate is None else 2  # channels of the prepared input (field, estimate)
+        self.field_channel = bool(field_channel)
+        backbone_channels = self.in_channels if self.field_channel else 1
+        self.backbone = backbone if backbone is not None else qsmgan_unet(features, in_channels=backbone_channels)
         self.crop = CenterCrop3d(margin)
         if field_scale <= 0 or chi_scale <= 0:
             raise ValueError(f"field_scale and chi_scale must be positive, got {field_scale}, {chi_scale}")
@@ -198,11 +207,12 @@ class QSMGenerator(nn.Module):
                 raise ValueError("a TorchScript generator needs its estimate channel in the input (prepare_input)")
             else:
                 x = self.prepare_input(x)
-        scaled = (
-            x * self.field_scale
-            if self.in_channels == 1
-            else torch.cat([x[:, :1] * self.field_scale, x[:, 1:] * self.chi_scale], dim=1)
-        )
+        if self.in_channels == 1:
+            scaled = x * self.field_scale
+        elif self.field_channel:
+            scaled = torch.cat([x[:, :1] * self.field_scale, x[:, 1:] * self.chi_scale], dim=1)
+        else:
+            scaled = x[:, 1:] * self.chi_scale
         if not torch.jit.is_scripting():  # TorchScript (ckpt_export) always runs in float32, default layout
             out = self.crop(self._backbone_eager(scaled).float()) / self.chi_scale
         else:
