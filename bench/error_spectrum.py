@@ -32,8 +32,8 @@ K_BANDS = ((0.0, 0.02), (0.02, 0.05), (0.05, 0.1), (0.1, 0.2), (0.2, 1.0))
 D_BANDS = ((0.0, 0.1), (0.1, 0.2), (0.2, 1.0))
 
 
-def network_alone(checkpoint: str, field: np.ndarray, window: int | None = None) -> np.ndarray:
-    """The generator of ``inference.json`` with ``checkpoint``, through its sliding-window inferer (ppm in, ppm out);
+def inference_network(checkpoint: str, window: int | None = None):
+    """(generator in eval mode with ``checkpoint``, its sliding-window inferer), as ``inference.json`` builds them;
     ``window``: another input window edge than the configuration's 64 (a multiple of 16; the crop margin stays)."""
     from scripts.engines import load_weights
 
@@ -43,8 +43,12 @@ def network_alone(checkpoint: str, field: np.ndarray, window: int | None = None)
         parser["patch_size"] = int(window)
     network = parser.get_parsed_content("network_def")
     load_weights(network, checkpoint)
-    network.eval()
-    inferer = parser.get_parsed_content("inferer")
+    return network.eval(), parser.get_parsed_content("inferer")
+
+
+def network_alone(checkpoint: str, field: np.ndarray, window: int | None = None) -> np.ndarray:
+    """The generator of ``inference.json`` with ``checkpoint``, through its sliding-window inferer (ppm in, ppm out)."""
+    network, inferer = inference_network(checkpoint, window)
     with torch.inference_mode():
         return inferer(torch.from_numpy(field.astype(np.float32))[None, None], network)[0, 0].numpy()
 

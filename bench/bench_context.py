@@ -1,0 +1,100 @@
+"""Is the network alone wrong because its training fields are too local? A check per window.
+
+The training stream simulates a brain patch's field from the χ of a region only ``context`` voxels larger than the
+64³ input (:class:`scripts.data.SyntheticPatchStream`: 96³, masked by the brain and demeaned in the patch), while
+at inference a window's field carries every source of the brain. For random 64³ windows of a case with known χ
+(most of the crop inside the mask), this runs the generator on three fields of the same window and prints its
+NRMSE on the central crop inside the mask:
+
+* ``whole``: the case's own field (noisy, as inference sees it), demeaned in the window's mask;
+* ``whole_clean``: the noise-free field of the whole brain's χ (the forward model of ``scripts.physics``);
+* ``region``: the noise-free field of the χ inside the ``context``-grown region only: the training stream's model;
+
+and the difference of the two noise-free fields relative to the window's field. Equal errors on ``whole_clean`` and
+``region`` mean that the network's error does not come from the sources beyond the training region.
+
+Usage (from the repository root; a case on the network's 1 mm grid with B0 along the third axis, e.g. from
+``bench/make_validation_cases.py``)::
+
+    python bench/bench_context.py --field F.nii.gz --mask M.nii.gz --chi CHI.nii.gz [--windows 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from error_spectrum import BUNDLE, inference_network
+
+sys.path.insert(0, str(BUNDLE))
+
+
+def window_errors(network, field, mask, chi, voxel, b0, windows: int, context: int, seed: int) -> list[dict]:
+    """Per window: NRMSE (%) on the three fields (see the module docstring) and the fields' difference (%)."""
+    from scripts.physics import demean_in_mask, forward_field
+
+    p, m = 64, network.margin
+    clean = forward_field(chi * mask, voxel, b0, mask=mask)
+    gen = torch.Generator().manual_seed(seed)
+    inside = mask.nonzero()
+    rows, tries = [], 0
+    while len(rows) < windows:
+        tries += 1
+        if tries > 100 * windows:
+            raise ValueError(f"fewer than {windows} windows with a mostly masked centre fit in shape {list(mask.shape)}")
+        lo = [int(v) - p // 2 for v in inside[torch.randint(len(inside), (1,), generator=gen)][0]]
+        if not all(lo_ - context >= 0 and lo_ + p + context <= n for lo_, n in zip(lo, mask.shape)):
+            continue
+        win = tuple(slice(a, a + p) for a in lo)
+        crop = tuple(slice(a + m, a + p - m) for a in lo)
+        if mask[crop].float().mean() < 0.25:
+            continue
+        region = tuple(slice(a - context, a + p + context) for a in lo)
+        inner = (slice(context, context + p),) * 3
+        local = forward_field(chi[region] * mask[region], voxel, b0, mask=mask[region])[inner]
+        fields = {"whole": field[win] * mask[win], "whole_clean": clean[win], "region": local}
+        truth, cm = chi[crop], mask[crop]
+        row = {}
+        with torch.inference_mode():
+            for name, f in fields.items():
+                pred = network(demean_in_mask(f, mask[win])[None, None])[0, 0]
+                row[name] = float((pred - truth)[cm].norm() / truth[cm].norm() * 100)
+        diff = demean_in_mask(clean[win] - local, mask[win])
+        row["field_difference"] = float(diff[mask[win]].norm() / demean_in_mask(clean[win], mask[win])[mask[win]].norm() * 100)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--field", required=True, help="local field, ppm, on the network's grid")
+    parser.add_argument("--mask", required=True)
+    parser.add_argument("--chi", required=True, help="true χ, ppm")
+    parser.add_argument("--checkpoint", default=str(BUNDLE / "models" / "model.pt"))
+    parser.add_argument("--windows", type=int, default=12)
+    parser.add_argument("--context", type=int, default=16, help="the stream's region margin (voxels)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    img = nib.load(args.field)
+    voxel = tuple(float(v) for v in img.header.get_zooms()[:3])
+    field = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))
+    mask = torch.from_numpy(np.asarray(nib.load(args.mask).dataobj) > 0)
+    chi = torch.from_numpy(np.asarray(nib.load(args.chi).dataobj, dtype=np.float32))
+    network, _ = inference_network(args.checkpoint)
+    rows = window_errors(network, field, mask, chi, voxel, (0.0, 0.0, 1.0), args.windows, args.context, args.seed)
+    keys = list(rows[0])
+    print(f"{args.checkpoint}: NRMSE % on each window's central crop in the mask, {len(rows)} windows (seed {args.seed})")
+    print("| window | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for i, r in enumerate(rows):
+        print(f"| {i} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+    print("| mean | " + " | ".join(f"{np.mean([r[k] for r in rows]):.1f}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
