@@ -50,6 +50,8 @@ __all__ = [
     "averaged_copy",
     "LearningRateWarmup",
     "load_weights",
+    "check_generator_settings",
+    "GeneratorMatchesWeights",
     "select_pretrained",
     "WeightsSidecar",
     "sidecar_path",
@@ -405,6 +407,52 @@ def _check_fits(module: nn.Module, state: Mapping, path: str, what: str) -> None
         )
 
 
+#: Generator settings a weights sidecar records (:class:`WeightsSidecar`) that change what the weights compute:
+#: weights of the same shapes can still belong to another generator (a residual one, or one reading the estimate
+#: alone), so these are checked, not just the shapes.
+GENERATOR_SETTINGS = ("estimate", "residual", "field_channel")
+
+
+def check_generator_settings(module: nn.Module, path: str) -> None:
+    """Refuse weights whose sidecar records other generator settings (``GENERATOR_SETTINGS``) than ``module``'s.
+
+    The error names the file and the options that rebuild the generator the weights belong to. Weights without a
+    sidecar, sidecars without these keys and networks without these attributes are not checked.
+    """
+    side = sidecar_path(path)
+    if not os.path.isfile(side):
+        return
+    with open(side) as f:
+        record = json.load(f)
+    net = unwrap(module)
+    differ = {k: record[k] for k in GENERATOR_SETTINGS if k in record and hasattr(net, k) and getattr(net, k) != record[k]}
+    if differ:
+        flags = " ".join(f"--{k} {json.dumps(v)}" for k, v in differ.items())
+        here = ", ".join(f"{k}={getattr(net, k)!r}" for k in differ)
+        raise ValueError(f"weights {path} belong to another generator ({side}: {differ}; this one has {here}): pass {flags}")
+
+
+class GeneratorMatchesWeights:
+    """Check, when the engine starts and before the weights are loaded, that they fit the generator.
+
+    Attach it before MONAI's ``CheckpointLoader``: shapes (one line naming the file, instead of a list of tensor
+    size mismatches) and the settings the weights' sidecar records (:func:`check_generator_settings`).
+    """
+
+    def __init__(self, network: nn.Module, load_path: str) -> None:
+        self.network, self.load_path = network, str(load_path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if not os.path.isfile(self.load_path):
+            raise FileNotFoundError(f"weights {self.load_path!r} do not exist")
+        check_generator_settings(self.network, self.load_path)
+        state = torch.load(self.load_path, map_location="cpu", weights_only=True)
+        _check_fits(self.network, state, self.load_path, "weights")
+
+
 def load_weights(module: nn.Module, path: str, map_location: str | torch.device = "cpu", what: str = "weights"):
     """Load a state dict file into ``module`` (unwrapped), refusing with one line if keys or shapes do not fit.
 
@@ -547,6 +595,7 @@ class ResumeFromCheckpoint:
         with open(side) as f:
             record = json.load(f)
         logger.info(f"resuming from weights {path} with sidecar {side}")
+        check_generator_settings(self.load_dict[self.pretrained_key], path)
         load_weights(self.load_dict[self.pretrained_key], path, self.map_location, "weights")
         iteration = int(record["iteration"])
         epoch_length = engine.state.epoch_length or record.get("epoch_length")
