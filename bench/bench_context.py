@@ -21,15 +21,12 @@ Usage (from the repository root; a case on the network's 1 mm grid with B0 along
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import sys
 
-import nibabel as nib
 import numpy as np
 import torch
 
-from error_spectrum import BUNDLE, inference_network
+from error_spectrum import BUNDLE, case_parser, inference_network, load_case
 
 sys.path.insert(0, str(BUNDLE))
 
@@ -71,20 +68,13 @@ def window_errors(network, field, mask, chi, voxel, b0, windows: int, context: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--field", required=True, help="local field, ppm, on the network's grid")
-    parser.add_argument("--mask", required=True)
-    parser.add_argument("--chi", required=True, help="true χ, ppm")
-    parser.add_argument("--checkpoint", default=str(BUNDLE / "models" / "model.pt"))
+    parser = case_parser(__doc__)
     parser.add_argument("--windows", type=int, default=12)
     parser.add_argument("--context", type=int, default=16, help="the stream's region margin (voxels)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    img = nib.load(args.field)
-    voxel = tuple(float(v) for v in img.header.get_zooms()[:3])
-    field = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))
-    mask = torch.from_numpy(np.asarray(nib.load(args.mask).dataobj) > 0)
-    chi = torch.from_numpy(np.asarray(nib.load(args.chi).dataobj, dtype=np.float32))
+    field, mask, chi, voxel = load_case(args)
+    field, chi, mask = torch.from_numpy(field).float(), torch.from_numpy(chi).float(), torch.from_numpy(mask)
     network, _ = inference_network(args.checkpoint)
     rows = window_errors(network, field, mask, chi, voxel, (0.0, 0.0, 1.0), args.windows, args.context, args.seed)
     keys = list(rows[0])

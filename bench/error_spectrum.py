@@ -76,17 +76,19 @@ def spectrum_table(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, voxel:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def case_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a case with known χ on the network's grid, and the generator's weights."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--field", required=True, help="local field, ppm, on the network's grid")
     parser.add_argument("--mask", required=True)
     parser.add_argument("--chi", required=True, help="true χ, ppm")
     parser.add_argument("--checkpoint", default=str(BUNDLE / "models" / "model.pt"))
-    parser.add_argument("--window", type=int, nargs="+", default=[None], help="window edges to compare (default 64)")
-    parser.add_argument(
-        "--masked_tikhonov", action="store_true", help="also the classical masked Tikhonov (its defaults)"
-    )
-    args = parser.parse_args()
+    return parser
+
+
+def load_case(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(field × mask, mask, χ, voxel size) as float64 / bool arrays; exits naming the file if the field is not on the
+    network's grid (1 mm, axis-aligned)."""
     field_image = nib.load(args.field)
     voxel = tuple(float(v) for v in field_image.header.get_zooms()[:3])
     if not np.allclose(voxel, 1.0, atol=1e-3) or not np.allclose(
@@ -95,7 +97,17 @@ def main() -> None:
         sys.exit(f"{args.field}: expected the network's grid (1 mm, axis-aligned), got voxel {voxel}")
     mask = np.asarray(nib.load(args.mask).dataobj) > 0.5
     truth = np.asarray(nib.load(args.chi).dataobj, dtype=np.float64)
-    field = np.asarray(field_image.dataobj, dtype=np.float64) * mask
+    return np.asarray(field_image.dataobj, dtype=np.float64) * mask, mask, truth, voxel
+
+
+def main() -> None:
+    parser = case_parser(__doc__)
+    parser.add_argument("--window", type=int, nargs="+", default=[None], help="window edges to compare (default 64)")
+    parser.add_argument(
+        "--masked_tikhonov", action="store_true", help="also the classical masked Tikhonov (its defaults)"
+    )
+    args = parser.parse_args()
+    field, mask, truth, voxel = load_case(args)
     for window in args.window:
         pred = network_alone(args.checkpoint, field, window).astype(np.float64)
         print(f"window {window or 64}³:")
