@@ -168,6 +168,11 @@ def test_estimate_alone_backbone_reads_only_the_estimate():
     assert small(estimate="tkd", field_channel=False).backbone.conv_0.conv_0.conv.in_channels == 1
     with pytest.raises(ValueError, match="field_channel=False needs an estimate"):
         QSMGenerator(backbone, field_channel=False)
+    # the strings of a command-line override (`--field_channel false`) mean what they say
+    from_cli = QSMGenerator(backbone, estimate="tkd", residual="true", field_channel="false", channels_last="false")
+    assert (from_cli.residual, from_cli.field_channel, from_cli.channels_last) == (True, False, False)
+    with pytest.raises(ValueError, match="field_channel must be true or false"):
+        QSMGenerator(backbone, estimate="tkd", field_channel="maybe")
 
 
 def test_inferer_gives_every_window_the_whole_region_estimate():

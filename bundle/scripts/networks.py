@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .baselines import tkd
+from .checks import as_bool
 
 __all__ = [
     "CenterCrop3d",
@@ -142,12 +143,14 @@ class QSMGenerator(nn.Module):
         super().__init__()
         if estimate not in ESTIMATES:
             raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+        residual = as_bool(residual, "residual")
+        field_channel = as_bool(field_channel, "field_channel")  # "false" from the command line is a string
         if residual and estimate is None:
             raise ValueError("residual=True needs an estimate to add the backbone's output to")
         if not field_channel and estimate is None:
             raise ValueError("field_channel=False needs an estimate for the backbone to read")
         self.in_channels = 1 if estimate is None else 2  # channels of the prepared input (field, estimate)
-        self.field_channel = bool(field_channel)
+        self.field_channel = field_channel
         backbone_channels = self.in_channels if self.field_channel else 1
         self.backbone = backbone if backbone is not None else qsmgan_unet(features, in_channels=backbone_channels)
         self.crop = CenterCrop3d(margin)
@@ -157,7 +160,7 @@ class QSMGenerator(nn.Module):
         self.chi_scale = float(chi_scale)
         self.estimate = estimate
         self.estimate_threshold = float(estimate_threshold)
-        self.residual = bool(residual)
+        self.residual = residual
         self.voxel_size = None  # only the estimate needs the grid (a field-only network is scale free)
         if estimate is not None:
             if voxel_size is None or isinstance(voxel_size, str) or len(voxel_size) != 3:
@@ -166,7 +169,7 @@ class QSMGenerator(nn.Module):
         self.b0_direction = tuple(float(v) for v in b0_direction)
         resolve_autocast(autocast, "cpu")  # validates
         self.autocast = autocast
-        self.channels_last = bool(channels_last)
+        self.channels_last = as_bool(channels_last, "channels_last")
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last_3d)
 
