@@ -43,7 +43,9 @@ def window_errors(network, field, mask, chi, voxel, b0, windows: int, context: i
     while len(rows) < windows:
         tries += 1
         if tries > 100 * windows:
-            raise ValueError(f"fewer than {windows} windows with a mostly masked centre fit in shape {list(mask.shape)}")
+            raise ValueError(
+                f"fewer than {windows} windows with a mostly masked centre fit in shape {list(mask.shape)}"
+            )
         lo = [int(v) - p // 2 for v in inside[torch.randint(len(inside), (1,), generator=gen)][0]]
         if not all(lo_ - context >= 0 and lo_ + p + context <= n for lo_, n in zip(lo, mask.shape)):
             continue
@@ -61,8 +63,10 @@ def window_errors(network, field, mask, chi, voxel, b0, windows: int, context: i
             for name, f in fields.items():
                 pred = network(demean_in_mask(f, mask[win])[None, None])[0, 0]
                 row[name] = float((pred - truth)[cm].norm() / truth[cm].norm() * 100)
-        diff = demean_in_mask(clean[win] - local, mask[win])
-        row["field_difference"] = float(diff[mask[win]].norm() / demean_in_mask(clean[win], mask[win])[mask[win]].norm() * 100)
+        inside_window = mask[win]
+        diff = demean_in_mask(clean[win] - local, inside_window)[inside_window]
+        reference = demean_in_mask(clean[win], inside_window)[inside_window]
+        row["field_difference"] = float(diff.norm() / reference.norm() * 100)
         rows.append(row)
     return rows
 
@@ -78,7 +82,9 @@ def main() -> None:
     network, _ = inference_network(args.checkpoint)
     rows = window_errors(network, field, mask, chi, voxel, (0.0, 0.0, 1.0), args.windows, args.context, args.seed)
     keys = list(rows[0])
-    print(f"{args.checkpoint}: NRMSE % on each window's central crop in the mask, {len(rows)} windows (seed {args.seed})")
+    print(
+        f"{args.checkpoint}: NRMSE % on each window's central crop in the mask, {len(rows)} windows, seed {args.seed}"
+    )
     print("| window | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for i, r in enumerate(rows):

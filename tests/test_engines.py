@@ -398,26 +398,27 @@ def test_weights_of_another_generator_are_refused_by_their_sidecar(tmp_path):
     """Weights whose shapes fit but whose sidecar records other generator settings (here a residual generator that
     reads the estimate alone: one input channel, like the field-only one) are refused before loading, naming the
     file and the options that rebuild their generator; matching settings load."""
-    alone = QSMGenerator(features=(4, 4, 8, 8, 8, 4), estimate="tkd", residual=True, field_channel=False)
+    settings = {"estimate": "tkd", "residual": True, "field_channel": False}
+    alone = QSMGenerator(features=(4, 4, 8, 8, 8, 4), **settings)
     path = tmp_path / "alone.pt"
     torch.save(alone.state_dict(), path)
-    (tmp_path / "alone.json").write_text(json.dumps({"iteration": 3, "estimate": "tkd", "residual": True, "field_channel": False}))
+    (tmp_path / "alone.json").write_text(json.dumps({"iteration": 3, **settings}))
     field_only = tiny_generator()
-    assert {k: v.shape for k, v in field_only.state_dict().items()} == {k: v.shape for k, v in alone.state_dict().items()}
+    shapes = {k: v.shape for k, v in alone.state_dict().items()}
+    assert {k: v.shape for k, v in field_only.state_dict().items()} == shapes
     with pytest.raises(ValueError) as error:
         GeneratorMatchesWeights(field_only, str(path))()
     message = str(error.value)
     assert str(path) in message and '--estimate "tkd"' in message and "--residual true" in message
     assert "--field_channel false" in message and "\n" not in message
-    GeneratorMatchesWeights(QSMGenerator(features=(4, 4, 8, 8, 8, 4), estimate="tkd", residual=True, field_channel=False), str(path))()
+    GeneratorMatchesWeights(QSMGenerator(features=(4, 4, 8, 8, 8, 4), **settings), str(path))()
     # resuming from such weights is refused the same way
     handler = ResumeFromCheckpoint(str(tmp_path / "none"), {"model": tiny_generator()}, resume_weights=str(path))
     with pytest.raises(ValueError, match="belong to another generator"):
         handler(FakeEngine())
     # shapes that do not fit: one line naming the file, before MONAI's loader lists tensor mismatches
     with pytest.raises(ValueError, match="does not fit the network"):
-        wider = QSMGenerator(features=(8, 8, 8, 8, 8, 4), estimate="tkd", residual=True, field_channel=False)
-        GeneratorMatchesWeights(wider, str(path))()
+        GeneratorMatchesWeights(QSMGenerator(features=(8, 8, 8, 8, 8, 4), **settings), str(path))()
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         GeneratorMatchesWeights(field_only, str(tmp_path / "missing.pt"))()
 

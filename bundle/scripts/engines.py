@@ -425,11 +425,15 @@ def check_generator_settings(module: nn.Module, path: str) -> None:
     with open(side) as f:
         record = json.load(f)
     net = unwrap(module)
-    differ = {k: record[k] for k in GENERATOR_SETTINGS if k in record and hasattr(net, k) and getattr(net, k) != record[k]}
+    differ = {
+        k: record[k] for k in GENERATOR_SETTINGS if k in record and hasattr(net, k) and getattr(net, k) != record[k]
+    }
     if differ:
         flags = " ".join(f"--{k} {json.dumps(v)}" for k, v in differ.items())
         here = ", ".join(f"{k}={getattr(net, k)!r}" for k in differ)
-        raise ValueError(f"weights {path} belong to another generator ({side}: {differ}; this one has {here}): pass {flags}")
+        raise ValueError(
+            f"weights {path} belong to another generator ({side}: {differ}; this one has {here}): pass {flags}"
+        )
 
 
 class GeneratorMatchesWeights:
