@@ -56,7 +56,7 @@ def window_errors(network, field, mask, chi, voxel, b0, windows: int, context: i
         region = tuple(slice(a - context, a + p + context) for a in lo)
         inner = (slice(context, context + p),) * 3
         local = forward_field(chi[region] * mask[region], voxel, b0, mask=mask[region])[inner]
-        fields = {"whole": field[win] * mask[win], "whole_clean": clean[win], "region": local}
+        fields = {"whole": field[win], "whole_clean": clean[win], "region": local}  # field: masked (load_case)
         truth, cm = chi[crop], mask[crop]
         row = {}
         with torch.inference_mode():

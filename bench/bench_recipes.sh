@@ -29,24 +29,25 @@ cd "$(dirname "$0")/../bundle"
 mkdir -p "$out"
 common=(--seed "${SEED:-4}" --learning_rate 0.0003 --iterations_per_epoch "${ITERATIONS_PER_EPOCH:-100}" --epochs 40
     --brain_pool_size 16)
+start_weights() {  # FILE IN_CHANNELS ZERO_FINAL: models/model.pt widened (new inputs zero) to IN_CHANNELS inputs;
+    # ZERO_FINAL=1 zeroes the final convolution, so that a residual generator starts exactly at its estimate
+    python -c "import sys, torch; sys.path.insert(0, '.'); from scripts.networks import expand_input_channels; \
+s = expand_input_channels(torch.load('models/model.pt'), int(sys.argv[2])); \
+final = ('backbone.final_conv.weight', 'backbone.final_conv.bias') if sys.argv[3] == '1' else (); \
+s.update({k: torch.zeros_like(s[k]) for k in final}); torch.save(s, sys.argv[1])" "$1" "$2" "$3"
+}
 for arm in "$@"; do
     case $arm in
         baseline) extra=(--pretrained models/model.pt) ;;
         dipole) extra=(--pretrained models/model.pt --loss#dipole_weight 1.0 --loss#gdl_weight 0.1) ;;
         tkd)
-            python -c "import sys, torch; sys.path.insert(0, '.'); from scripts.networks import expand_input_channels; \
-torch.save(expand_input_channels(torch.load('models/model.pt'), 2), sys.argv[1])" "$out/model_2ch.pt"
+            start_weights "$out/model_2ch.pt" 2 0
             extra=(--pretrained "$out/model_2ch.pt" --estimate tkd) ;;
         tkdres)
-            python -c "import sys, torch; sys.path.insert(0, '.'); from scripts.networks import expand_input_channels; \
-s = expand_input_channels(torch.load('models/model.pt'), 2); \
-s.update({k: torch.zeros_like(s[k]) for k in ('backbone.final_conv.weight', 'backbone.final_conv.bias')}); \
-torch.save(s, sys.argv[1])" "$out/model_2ch_res.pt"
+            start_weights "$out/model_2ch_res.pt" 2 1
             extra=(--pretrained "$out/model_2ch_res.pt" --estimate tkd --residual true) ;;
         tkdalone)
-            python -c "import sys, torch; sys.path.insert(0, '.'); s = torch.load('models/model.pt'); \
-s.update({k: torch.zeros_like(s[k]) for k in ('backbone.final_conv.weight', 'backbone.final_conv.bias')}); \
-torch.save(s, sys.argv[1])" "$out/model_alone_res.pt"
+            start_weights "$out/model_alone_res.pt" 1 1
             extra=(--pretrained "$out/model_alone_res.pt" --estimate tkd --residual true --field_channel false) ;;
         small) extra=(--features "[8,16,32,64,128,8]" --learning_rate 0.001) ;;
         scratch) extra=(--learning_rate 0.001) ;;

@@ -10,10 +10,11 @@ against the true χ, seconds, and what ``auto`` decided (its inconsistency ratio
 
 Usage (from the repository root)::
 
-    python bench/bench_refinement.py --seeds 201 202 [--bfr pdf] [--previous]
+    python bench/bench_refinement.py --seeds 201 202 [--bfr pdf] [--previous] [--test_iterations 10 6 4]
 
 Every solve uses ``inference.json``'s settings (iterations, preconditioner, test iterations); ``--previous`` also
-runs ``auto`` with the previous default (60 plain CG iterations, a 60-iteration shell test), in the same run.
+runs ``auto`` with the previous default (60 plain CG iterations, a 60-iteration shell test), in the same run;
+``--test_iterations`` runs ``auto`` once per given shell-test iteration count instead of the configured one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--bfr", default="pdf", choices=["pdf", "vsharp"])
     parser.add_argument("--snr", type=float, default=40.0)
     parser.add_argument("--previous", action="store_true", help="also run auto with the previous default (60/60 CG)")
+    parser.add_argument(
+        "--test_iterations", type=int, nargs="+", default=None, help="auto's shell-test iterations to compare"
+    )
     args = parser.parse_args()
     config = ConfigParser()
     config.read_config(str(BUNDLE / "configs" / "inference.json"))
@@ -92,7 +96,11 @@ def main() -> None:
             start = time.perf_counter()
             chi = harmonic_tikhonov(b, m, dc["dc_weight"], voxel, b0, radius_mm=dc["dc_smv_radius_mm"], **common)
             score("+ harmonic model", chi, time.perf_counter() - start)
-            settings = [("+ auto (default)", dc["dc_iterations"], dc["dc_test_iterations"], pre)]
+            tests = args.test_iterations or [dc["dc_test_iterations"]]
+            settings = [
+                (f"+ auto (test {t})" if args.test_iterations else "+ auto (default)", dc["dc_iterations"], t, pre)
+                for t in tests
+            ]
             if args.previous:
                 settings.append(("+ auto (previous: 60/60 CG)", 60, 60, None))
             for name, iterations, test_iterations, weight in settings:

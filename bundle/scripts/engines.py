@@ -413,17 +413,19 @@ def _check_fits(module: nn.Module, state: Mapping, path: str, what: str) -> None
 GENERATOR_SETTINGS = ("estimate", "residual", "field_channel")
 
 
-def check_generator_settings(module: nn.Module, path: str) -> None:
+def check_generator_settings(module: nn.Module, path: str, record: Mapping | None = None) -> None:
     """Refuse weights whose sidecar records other generator settings (``GENERATOR_SETTINGS``) than ``module``'s.
 
-    The error names the file and the options that rebuild the generator the weights belong to. Weights without a
-    sidecar, sidecars without these keys and networks without these attributes are not checked.
+    The error names the file and the options that rebuild the generator the weights belong to. ``record``: the
+    sidecar already read (default: read here). Weights without a sidecar, sidecars without these keys and networks
+    without these attributes are not checked.
     """
     side = sidecar_path(path)
-    if not os.path.isfile(side):
-        return
-    with open(side) as f:
-        record = json.load(f)
+    if record is None:
+        if not os.path.isfile(side):
+            return
+        with open(side) as f:
+            record = json.load(f)
     net = unwrap(module)
     differ = {
         k: record[k] for k in GENERATOR_SETTINGS if k in record and hasattr(net, k) and getattr(net, k) != record[k]
@@ -453,7 +455,8 @@ class GeneratorMatchesWeights:
         if not os.path.isfile(self.load_path):
             raise FileNotFoundError(f"weights {self.load_path!r} do not exist")
         check_generator_settings(self.network, self.load_path)
-        state = torch.load(self.load_path, map_location="cpu", weights_only=True)
+        # memory-mapped: only the shapes are read here; CheckpointLoader reads the tensors
+        state = torch.load(self.load_path, map_location="cpu", weights_only=True, mmap=True)
         _check_fits(self.network, state, self.load_path, "weights")
 
 
@@ -599,7 +602,7 @@ class ResumeFromCheckpoint:
         with open(side) as f:
             record = json.load(f)
         logger.info(f"resuming from weights {path} with sidecar {side}")
-        check_generator_settings(self.load_dict[self.pretrained_key], path)
+        check_generator_settings(self.load_dict[self.pretrained_key], path, record)
         load_weights(self.load_dict[self.pretrained_key], path, self.map_location, "weights")
         iteration = int(record["iteration"])
         epoch_length = engine.state.epoch_length or record.get("epoch_length")
