@@ -35,15 +35,16 @@ Cases: ``demo``, inference.json's demo (160×192×160 1 mm brain, four microblee
 brain of 168×200×176 (:class:`scripts.phantoms.BrainPhantom`, seed 10001, SNR 40) simulated once in setup (not
 timed) and given as files, ``--field F --mask M``, as a user would (its truth stays with the benchmark).
 
-Settings: ``previous`` is the default of commit ca6dda0 as far as a setting switches it: glibc's own handling of
-large blocks (``--keep_freed_memory False``; ``False`` capitalised: the command line passes ``false`` on as a string).
-The code-level changes made with it (spectra scaled on their real view, the margin shell grown on the mask's box) run
-in both; to time commit ca6dda0 itself, run its command line from a worktree (``git worktree add /tmp/prev ca6dda0``;
-the model card quotes both). ``current`` is ``configs/inference.json`` as it is. In process every run of
-``previous`` (its warm-up first) comes before any run of ``current``, because the allocator setting holds for the
-rest of a process; the command-line runs alternate. (Until this change ``previous`` was the default of commit
-ada0b9f, ``--dc_crop_to_mask False --fold_batchnorm False``; before commit 610001d the default before commit
-e3dcbfe: ``--dc_iterations 60 --dc_test_iterations 60 --dc_precond_weight null --autocast False --sw_overlap 0``.)
+Settings: ``previous`` is the default of commit 9daa812 as far as a setting switches it: the refinement's grid padded
+by 1/8 of the volume per side (``--dc_pad 0.125``; now 1/10). The code-level changes made with it (the margin shell
+grown by an FFT ball count instead of a distance transform) run in both; to time commit 9daa812 itself, run its
+command line from a worktree (``git worktree add /tmp/prev 9daa812``; the model card quotes both). ``current`` is
+``configs/inference.json`` as it is. In process every run of ``previous`` (its warm-up first) comes before any run
+of ``current`` (a rule from an earlier ``previous``, glibc's allocator setting, which holds for the rest of a
+process); the command-line runs alternate. (Earlier ``previous`` settings: the default of commit ca6dda0,
+``--keep_freed_memory False``; of commit ada0b9f, ``--dc_crop_to_mask False --fold_batchnorm False``; before commit
+610001d the default before commit e3dcbfe: ``--dc_iterations 60 --dc_test_iterations 60 --dc_precond_weight null
+--autocast False --sw_overlap 0``.)
 
 Maps: both written χ NIfTIs of the first repeat are read back: max |Δχ| and RMS Δχ in the mask (ppm), the same for
 the network alone (before the refinement, kept in memory from the in-process run), NRMSE (%) and XSIM of each
@@ -92,8 +93,8 @@ from scripts.metrics import nrmse, xsim  # noqa: E402
 from scripts.networks import bf16_supported  # noqa: E402
 from scripts.phantoms import BrainPhantom, RandomSourcePhantom  # noqa: E402
 
-#: The default of commit ca6dda0, as far as command-line overrides of inference.json switch it.
-PREVIOUS: dict[str, object] = {"keep_freed_memory": False}
+#: The default of commit 9daa812, as far as command-line overrides of inference.json switch it.
+PREVIOUS: dict[str, object] = {"dc_pad": 0.125}
 SETTINGS: dict[str, dict[str, object]] = {"previous": PREVIOUS, "current": {}}
 
 STAGES = (
@@ -144,6 +145,7 @@ REPORT_KEYS = (
     "residual_ratio_network",
     "dc_iterations",
     "dc_precond_weight",
+    "dc_pad",
     "refinement_seconds",
 )
 
@@ -458,9 +460,9 @@ def main() -> None:
             RandomSourcePhantom(), WARMUP_SHAPE, WARMUP_SEED, inputs, "warmup"
         )
         print(f"setup (simulations, not timed): {time.perf_counter() - start:.1f} s")
-        # In process, every run of "previous" comes before any run of "current": keep_freed_memory changes the C
-        # allocator for the rest of the process and cannot be undone (the command-line runs are processes of their
-        # own and alternate).
+        # In process, every run of "previous" comes before any run of "current" (so that a setting which changes the
+        # process for good, as keep_freed_memory's allocator did, cannot leak into the other; the command-line runs
+        # are processes of their own and alternate).
         runs: dict[str, dict[str, list[Run]]] = {c: {s: [] for s in SETTINGS} for c in args.cases}
         for name, setting in SETTINGS.items():
             if warmup is not None:

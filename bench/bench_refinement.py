@@ -12,8 +12,9 @@ Usage (from the repository root)::
 
     python bench/bench_refinement.py --seeds 201 202 [--bfr pdf] [--previous] [--test_iterations 10 6 4]
 
-Every solve uses ``inference.json``'s settings (iterations, preconditioner, test iterations); ``--previous`` also
-runs ``auto`` with the previous default (60 plain CG iterations, a 60-iteration shell test), in the same run;
+Every solve uses ``inference.json``'s settings (iterations, preconditioner, test iterations, grid padding
+``dc_pad``); ``--previous`` also runs ``auto`` with the previous default (60 plain CG iterations, a 60-iteration
+shell test), in the same run and on the same grid;
 ``--test_iterations`` runs ``auto`` once per given shell-test iteration count instead of the configured one.
 """
 
@@ -36,7 +37,7 @@ from scripts.inference import CropSlidingWindowInferer  # noqa: E402
 from scripts.metrics import nrmse, xsim  # noqa: E402
 from scripts.phantoms import simulate_head_case  # noqa: E402
 from scripts.physics import demean_in_mask  # noqa: E402
-from scripts.refine import CG_PAD, auto_refinement, harmonic_tikhonov  # noqa: E402
+from scripts.refine import auto_refinement, harmonic_tikhonov  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True))
     dc = {k: config[k] for k in ("dc_weight", "dc_iterations", "dc_margin_mm", "dc_outside_weight")}
     dc.update({k: config[k] for k in ("dc_smv_radius_mm", "dc_inconsistency", "dc_test_iterations")})
-    dc["dc_precond_weight"] = config["dc_precond_weight"]
+    dc["dc_precond_weight"], dc["dc_pad"] = config["dc_precond_weight"], config["dc_pad"]
     print(f"refinement settings (inference.json): {json.dumps(dc)}; background removal {args.bfr}; SNR {args.snr:g}")
     rows = []
     for seed in args.seeds:
@@ -87,10 +88,10 @@ def main() -> None:
                 chi_net = CropSlidingWindowInferer(64, 8, 4)(b[None, None], net)[0, 0] * m
             score("network alone", chi_net, time.perf_counter() - start)
             pre = dc["dc_precond_weight"]
-            common = dict(prior=chi_net, iterations=dc["dc_iterations"], pad=CG_PAD, precond_weight=pre)
+            common = dict(prior=chi_net, iterations=dc["dc_iterations"], pad=dc["dc_pad"], precond_weight=pre)
             start = time.perf_counter()
             chi = masked_tikhonov(
-                b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], prior=chi_net, pad=CG_PAD, precond_weight=pre
+                b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], prior=chi_net, pad=dc["dc_pad"], precond_weight=pre
             )
             score("+ support model", chi, time.perf_counter() - start)
             start = time.perf_counter()
@@ -102,7 +103,7 @@ def main() -> None:
                 for t in tests
             ]
             if args.previous:
-                settings.append(("+ auto (previous: 60/60 CG)", 60, 60, None))
+                settings.append(("+ auto (previous: 60/60 CG)", 60, 60, None))  # on the current grid (dc_pad)
             for name, iterations, test_iterations, weight in settings:
                 start = time.perf_counter()
                 chi, record = auto_refinement(
@@ -118,7 +119,7 @@ def main() -> None:
                     outside_weight=dc["dc_outside_weight"],
                     radius_mm=dc["dc_smv_radius_mm"],
                     inconsistency=dc["dc_inconsistency"],
-                    pad=CG_PAD,
+                    pad=dc["dc_pad"],
                     precond_weight=weight,
                 )
                 score(name, chi, time.perf_counter() - start, json.dumps(record))

@@ -242,3 +242,19 @@ def test_dilate_mask_matches_a_brute_force_ball_search():
     edge = torch.zeros(10, 10, 10, dtype=torch.bool)
     edge[0, 0, 0] = True
     assert int(dilate_mask(edge, (1.0, 1.0, 1.0), 1.0).sum()) == 4
+
+
+def test_erode_mask_matches_a_brute_force_ball_search():
+    """Eroding by r mm keeps the mask voxels with no voxel outside the mask (or outside the grid) within r mm
+    (brute force over all pairs, anisotropic voxels; a mask that touches the grid's edge)."""
+    mask = torch.zeros(22, 18, 14, dtype=torch.bool)
+    mask[3:19, 2:16, 0:12] = True  # touches the grid at z = 0: what lies beyond the grid counts as outside
+    mask[9:11, 8:10, 5:7] = False  # a hole
+    voxel, radius = (1.0, 1.5, 2.0), 3.2
+    kept = erode_mask(mask, voxel, radius)
+    padded = torch.nn.functional.pad(mask[None, None].float(), (1, 1, 1, 1, 1, 1))[0, 0] > 0
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n) * v for n, v in zip(padded.shape, voxel)], indexing="ij"), -1)
+    inner = grid[1:-1, 1:-1, 1:-1].reshape(-1, 3).double()
+    outside = grid[~padded].double()
+    expected = (torch.cdist(inner, outside).min(1).values > radius + 1e-6).reshape(mask.shape)
+    assert torch.equal(kept, expected) and 0 < int(kept.sum()) < int(mask.sum())

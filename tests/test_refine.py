@@ -91,6 +91,9 @@ def test_masked_cg_refinement():
     for bad in (0.0, -1e-3):
         with pytest.raises(InputError, match="dc_precond_weight"):
             DataConsistencyd(weight=0.01, solver="cg", iterations=1, **{**dc_models(inference_config()), "precond_weight": bad})
+    for bad in (-0.1, 3.0, "wide"):
+        with pytest.raises(InputError, match="dc_pad"):
+            DataConsistencyd(weight=0.01, solver="cg", iterations=1, **{**dc_models(inference_config()), "cg_pad": bad})
     # the preconditioned solve is the same problem: with enough iterations both reach the same χ
     plain = data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg", iterations=300, tol=1e-7)
     pre = data_consistency(
@@ -110,7 +113,7 @@ def inference_config() -> dict:
 def dc_models(config: dict) -> dict:
     """DataConsistencyd's data-model settings as inference.json gives them (they have no defaults of their own)."""
     keys = ("model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations", "precond_weight")
-    return {k: config[f"dc_{k}"] for k in keys}
+    return {**{k: config[f"dc_{k}"] for k in keys}, "cg_pad": config["dc_pad"]}
 
 
 def test_the_refinement_has_no_defaults_of_its_own():
@@ -124,6 +127,7 @@ def test_the_refinement_has_no_defaults_of_its_own():
     assert (config["dc_weight"], config["dc_solver"], config["dc_iterations"]) == (3e-4, "cg", 30)
     assert config["dc_precond_weight"] == 3e-3
     assert config["dc_crop_to_mask"] is True
+    assert config["dc_pad"] == 0.1
     for fn in (data_consistency, DataConsistencyd.__init__):
         params = inspect.signature(fn).parameters
         for name in ("weight", "solver"):
@@ -290,8 +294,9 @@ def dense_refinement(field, mask, prior, weight, voxel, b0, grid):
 # Even padded sizes with an oblique B0 leave D(k) ≠ D(−k) on the Nyquist planes (±k_N alias), where a full complex
 # FFT (the reference) and a real FFT (the bundle) legitimately disagree; oblique B0 is therefore checked on odd
 # padded grids (voxel-count padding), axis-aligned B0 on the fractional paddings inference uses.
-PADDED_CASES = [  # shape, cg_pad (None: data_consistency's default, what inference runs), B0, crop, padded grid
+PADDED_CASES = [  # shape, cg_pad (None: data_consistency's default CG_PAD; 0.1: inference.json's dc_pad), B0, crop, grid
     ((8, 8, 6), None, (0.0, 0.0, 1.0), False, (10, 10, 8)),
+    ((9, 11, 6), 0.1, (0.0, 0.0, 1.0), True, (12, 15, 8)),
     ((8, 8, 6), 0.5, (0.0, 0.0, 1.0), False, (16, 16, 12)),
     ((7, 7, 5), (1, 1, 2), (0.2, 0.1, 0.97), False, (9, 9, 9)),
     # on the mask's box (6, 6, 4) = the inner voxels: voxel counts around the box; the default fraction: per axis the

@@ -47,6 +47,8 @@ from .physics import (
     DipoleOperator,
     _check_triplet,
     b0_direction_from_affine,
+    ball_counts,
+    ball_offsets,
     demean_in_mask,
     mask_box,
     voxel_size_from_affine,
@@ -92,30 +94,32 @@ def erode_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float
     centre within ``radius_mm``: the support of the SMV filter :meth:`scripts.baselines.common.Frame.smv_symbol`)
     lies inside the mask and inside the grid.
 
-    Computed with one Euclidean distance transform (scipy): a voxel survives iff its distance (mm) to the nearest
-    voxel outside the mask exceeds the radius.
+    Computed on the mask's bounding box by one FFT convolution with the ball (:func:`scripts.physics.ball_counts`): a voxel
+    survives iff every voxel of its ball is in the mask (until 2026-12-07 a Euclidean distance transform, the
+    same voxels at several times the cost).
     """
-    from scipy import ndimage
-
-    m = np.pad(mask.detach().cpu().numpy().astype(bool), 1)  # outside the grid counts as outside the mask
-    dist = ndimage.distance_transform_edt(m, sampling=_voxel(voxel_size))[1:-1, 1:-1, 1:-1]
-    return torch.from_numpy(dist > radius_mm + 1e-6).to(mask.device)
+    voxel = _voxel(voxel_size)
+    m = mask.detach().cpu().numpy().astype(bool)
+    out = np.zeros_like(m)
+    if m.any():
+        box = mask_box(m)
+        full = float(ball_offsets(voxel, radius_mm).sum())
+        out[box] = (ball_counts(m[box], voxel, radius_mm) > full - 0.5).numpy() & m[box]
+    return torch.from_numpy(out).to(mask.device)
 
 
 def dilate_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float) -> torch.Tensor:
     """Grow a boolean (X, Y, Z) mask by a sphere of ``radius_mm``: every voxel whose distance (mm) to the mask is at
-    most the radius (one Euclidean distance transform, as :func:`erode_mask`). The transform runs on the mask's
-    bounding box grown by the radius only (nothing farther can be reached), not on the whole grid."""
-    from scipy import ndimage
-
+    most the radius. Computed on the mask's bounding box grown by the radius only (nothing farther can be reached)
+    by one FFT convolution with the ball (:func:`scripts.physics.ball_counts`): a voxel is in iff its ball holds a voxel of the
+    mask (until 2026-12-07 a Euclidean distance transform: the same voxels, 0.62 s against 0.10 s in float32 for a
+    brain mask on a 208×240×216 grid in a one-off scratch timing)."""
     voxel = _voxel(voxel_size)
     m = mask.detach().cpu().numpy().astype(bool)
     out = np.zeros_like(m)
-    if not m.any():
-        return torch.from_numpy(out).to(mask.device)
-    box = mask_box(m, margin=max(math.ceil(radius_mm / v) for v in voxel) + 1)
-    dist = ndimage.distance_transform_edt(~m[box], sampling=voxel)
-    out[box] = dist <= radius_mm + 1e-6
+    if m.any():
+        box = mask_box(m, margin=max(math.ceil(radius_mm / v) for v in voxel) + 1)
+        out[box] = (ball_counts(m[box], voxel, radius_mm) > 0.5).numpy()
     return torch.from_numpy(out).to(mask.device)
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "masked_mean",
     "demean_in_mask",
     "mask_box",
+    "ball_offsets",
+    "ball_counts",
     "b0_direction_from_affine",
     "voxel_size_from_affine",
     "convert_field",
@@ -338,6 +340,38 @@ def mask_box(mask: np.ndarray | torch.Tensor, margin: int = 0) -> tuple[slice, .
     ``margin`` voxels per side and clipped to the volume (MONAI's ``generate_spatial_bounding_box``)."""
     start, end = generate_spatial_bounding_box(mask[None], margin=margin, allow_smaller=True)
     return tuple(slice(int(a), int(b)) for a, b in zip(start, end))
+
+
+def ball_offsets(voxel: Sequence[float], radius_mm: float) -> torch.Tensor:
+    """The ball {offsets o : |o·Δ| ≤ r} as a 0/1 float64 array of shape (2e_i + 1 per axis) centred on its middle
+    voxel (e_i = ⌊r/Δ_i⌋): the voxel centres within ``radius_mm`` of a voxel centre, the support of the SMV filter
+    (:meth:`scripts.baselines.common.Frame.smv_symbol`)."""
+    reach = radius_mm + 1e-6  # a voxel centre exactly on the sphere belongs to the ball
+    ext = [int(math.floor(reach / v)) for v in voxel]
+    axes = [torch.arange(-e, e + 1, dtype=torch.float64) * v for e, v in zip(ext, voxel)]
+    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    return (r2 <= reach * reach).to(torch.float64)
+
+
+def ball_counts(mask: np.ndarray, voxel: Sequence[float], radius_mm: float) -> torch.Tensor:
+    """For every voxel of a boolean (X, Y, Z) array: how many voxels of the mask lie in its ball of ``radius_mm``
+    (:func:`ball_offsets`), voxels beyond the array counting as outside the mask.
+
+    One linear (not periodic) convolution by FFT, zero-padded by the ball's extent and rounded up to fast FFT
+    sizes, in float64: the counts are integers up to the ball's size and the transform's error is far below 0.5,
+    so thresholds at half-integers are exact (a float32 transform would not be for balls of 10⁴–10⁵ voxels).
+    Returns a float64 tensor of the array's shape.
+    """
+    ball = ball_offsets(voxel, radius_mm)
+    ext = [(n - 1) // 2 for n in ball.shape]
+    shape = tuple(fast_fft_size(n + 2 * e) for n, e in zip(mask.shape, ext))
+    kernel = torch.zeros(shape, dtype=torch.float64)
+    kernel[tuple(slice(0, n) for n in ball.shape)] = ball
+    kernel = torch.roll(kernel, shifts=[-e for e in ext], dims=(0, 1, 2))  # ball centred on index 0 (periodic)
+    spectrum = torch.fft.rfftn(torch.from_numpy(mask).to(torch.float64), s=shape)
+    spectrum.mul_(torch.fft.rfftn(kernel))
+    counts = torch.fft.irfftn(spectrum, s=shape)
+    return counts[tuple(slice(0, n) for n in mask.shape)]
 
 
 def demean_in_mask(volume: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 DC_SOLVERS = ("cg", "closed_form")
 
-#: Zero padding per side (fraction) of every CG refinement grid, rounded up to fast FFT sizes.
+#: Zero padding per side (fraction) of a CG refinement grid, rounded up to fast FFT sizes, for direct callers of
+#: the functions below; the pipeline's is ``dc_pad`` of ``configs/inference.json`` (docs/inputs.md).
 CG_PAD = 0.125
 
 
@@ -424,6 +425,7 @@ class DataConsistencyd(MapTransform):
         inconsistency: float,
         test_iterations: int,
         precond_weight: float | None,
+        cg_pad: float,
         crop_to_mask: bool = True,
     ) -> None:
         super().__init__(keys)
@@ -450,6 +452,9 @@ class DataConsistencyd(MapTransform):
         self.b0_direction = as_triplet(b0_direction, "b0_direction")
         self.pad, self.fill = pad, fill
         self.crop_to_mask = as_bool(crop_to_mask, "dc_crop_to_mask")
+        self.cg_pad = as_float(cg_pad, "dc_pad")
+        if self.cg_pad is None or not 0 <= self.cg_pad <= 2:
+            raise InputError(f"dc_pad must be a fraction of the volume per side in [0, 2], got {cg_pad!r}")
         self.precond_weight = as_float(precond_weight, "dc_precond_weight")
         if self.precond_weight is not None and self.precond_weight <= 0:
             raise InputError(f"dc_precond_weight must be > 0 (null: plain CG), got {precond_weight!r}")
@@ -470,7 +475,7 @@ class DataConsistencyd(MapTransform):
             if self.weight is not None:
                 record.update(dc_solver=self.solver, dc_iterations=self.iterations if self.solver == "cg" else None)
                 if self.solver == "cg":
-                    record["dc_precond_weight"] = self.precond_weight
+                    record.update(dc_precond_weight=self.precond_weight, dc_pad=self.cg_pad)
                 net_field = op.forward(chi * inside)
                 _, before = dipole_residual(chi, b, inside, voxel, b0, self.pad, forward=net_field)
                 start = time.perf_counter()
@@ -487,6 +492,7 @@ class DataConsistencyd(MapTransform):
                         pad=self.pad,
                         fill=self.fill,
                         net_field=net_field,
+                        cg_pad=self.cg_pad,
                         precond_weight=self.precond_weight,
                         crop_to_mask=self.crop_to_mask,
                     )
@@ -540,7 +546,7 @@ class DataConsistencyd(MapTransform):
                 prior=chi,
                 iterations=self.iterations,
                 radius_mm=self.smv_radius_mm,
-                pad=CG_PAD,
+                pad=self.cg_pad,
                 precond_weight=self.precond_weight,
                 crop_to_mask=self.crop_to_mask,
             )
@@ -558,7 +564,7 @@ class DataConsistencyd(MapTransform):
             outside_weight=self.outside_weight,
             radius_mm=self.smv_radius_mm,
             inconsistency=self.inconsistency,
-            pad=CG_PAD,
+            pad=self.cg_pad,
             precond_weight=self.precond_weight,
             crop_to_mask=self.crop_to_mask,
         )
