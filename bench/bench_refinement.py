@@ -91,7 +91,8 @@ def main() -> None:
             common = dict(prior=chi_net, iterations=dc["dc_iterations"], pad=dc["dc_pad"], precond_weight=pre)
             start = time.perf_counter()
             chi = masked_tikhonov(
-                b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], prior=chi_net, pad=dc["dc_pad"], precond_weight=pre
+                b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], **{k: common[k] for k in ("prior", "pad")},
+                precond_weight=pre,
             )
             score("+ support model", chi, time.perf_counter() - start)
             start = time.perf_counter()

@@ -294,7 +294,7 @@ def dense_refinement(field, mask, prior, weight, voxel, b0, grid):
 # Even padded sizes with an oblique B0 leave D(k) ≠ D(−k) on the Nyquist planes (±k_N alias), where a full complex
 # FFT (the reference) and a real FFT (the bundle) legitimately disagree; oblique B0 is therefore checked on odd
 # padded grids (voxel-count padding), axis-aligned B0 on the fractional paddings inference uses.
-PADDED_CASES = [  # shape, cg_pad (None: data_consistency's default CG_PAD; 0.1: inference.json's dc_pad), B0, crop, grid
+PADDED_CASES = [  # shape, cg_pad (None: data_consistency's CG_PAD; 0.1: inference.json's dc_pad), B0, crop, grid
     ((8, 8, 6), None, (0.0, 0.0, 1.0), False, (10, 10, 8)),
     ((9, 11, 6), 0.1, (0.0, 0.0, 1.0), True, (12, 15, 8)),
     ((8, 8, 6), 0.5, (0.0, 0.0, 1.0), False, (16, 16, 12)),

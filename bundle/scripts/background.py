@@ -94,9 +94,9 @@ def erode_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float
     centre within ``radius_mm``: the support of the SMV filter :meth:`scripts.baselines.common.Frame.smv_symbol`)
     lies inside the mask and inside the grid.
 
-    Computed on the mask's bounding box by one FFT convolution with the ball (:func:`scripts.physics.ball_counts`): a voxel
-    survives iff every voxel of its ball is in the mask (until 2026-12-07 a Euclidean distance transform, the
-    same voxels at several times the cost).
+    Computed on the mask's bounding box by one FFT convolution with the ball (:func:`scripts.physics.ball_counts`):
+    a voxel survives iff every voxel of its ball is in the mask (until 2026-12-06 a Euclidean distance transform:
+    the same voxels, several times slower).
     """
     voxel = _voxel(voxel_size)
     m = mask.detach().cpu().numpy().astype(bool)
@@ -111,9 +111,8 @@ def erode_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float
 def dilate_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float) -> torch.Tensor:
     """Grow a boolean (X, Y, Z) mask by a sphere of ``radius_mm``: every voxel whose distance (mm) to the mask is at
     most the radius. Computed on the mask's bounding box grown by the radius only (nothing farther can be reached)
-    by one FFT convolution with the ball (:func:`scripts.physics.ball_counts`): a voxel is in iff its ball holds a voxel of the
-    mask (until 2026-12-07 a Euclidean distance transform: the same voxels, 0.62 s against 0.10 s in float32 for a
-    brain mask on a 208×240×216 grid in a one-off scratch timing)."""
+    by one FFT convolution with the ball (:func:`scripts.physics.ball_counts`): a voxel is in iff its ball holds a
+    voxel of the mask (until 2026-12-06 a Euclidean distance transform: the same voxels, several times slower)."""
     voxel = _voxel(voxel_size)
     m = mask.detach().cpu().numpy().astype(bool)
     out = np.zeros_like(m)
