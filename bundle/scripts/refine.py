@@ -42,6 +42,7 @@ __all__ = [
     "dipole_residual",
     "data_consistency",
     "margin_tikhonov",
+    "shell_room",
     "harmonic_tikhonov",
     "auto_refinement",
     "DataConsistencyd",
@@ -208,6 +209,7 @@ def margin_tikhonov(
     precond_weight: float | None = None,
     start: torch.Tensor | None = None,
     crop_to_mask: bool = True,
+    frame: Frame | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The support-constrained refinement with sources also allowed in a shell of ``margin_mm`` outside the mask.
 
@@ -222,30 +224,47 @@ def margin_tikhonov(
             solution, so that the iterations go to the shell's sources.
         crop_to_mask: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`); the shell then
             lies in the box's zero padding, widened where needed to hold it.
+        frame: a :class:`~scripts.baselines.common.Frame` of this field and mask already built whose padding holds the
+            shell (:func:`shell_room`), used instead of building one.
 
     Returns:
         (χ inside the mask (ppm), ‖P(D⊛χ) − b‖/‖b‖ with the shell's sources included).
     """
-    room = [math.ceil(margin_mm / d) + 1 for d in voxel_size]  # the shell lies in the zero padding around the box
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask, min_pad=room)
+    room = shell_room(margin_mm, voxel_size)
+    if frame is None:
+        frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask, min_pad=room)
+    elif not _holds(frame, room):
+        raise ValueError(f"the frame's padding {frame.pshape} around {frame.shape} leaves no {room}-voxel room")
     m = frame.mf
     shell_support = dilate_mask(frame.m, frame.voxel, margin_mm).float()
     reg = torch.where(frame.m, torch.tensor(float(weight)), torch.tensor(float(outside_weight))) * shell_support
 
-    def residual_field(x: torch.Tensor) -> torch.Tensor:  # P(D⊛(S x))
-        return frame.project(frame.dipole(x * shell_support))
+    def residual_field(x: torch.Tensor) -> torch.Tensor:  # P(D⊛x), x in S: x0 is, and so is every CG vector
+        return frame.project(frame.dipole(x))
 
     def normal(x: torch.Tensor) -> torch.Tensor:
         return frame.dipole(residual_field(x)).mul_(shell_support).add_(reg * x)
 
     x0 = frame.pad(prior.float()) * m
-    rhs = frame.dipole(frame.b).mul_(shell_support).add_(reg * x0)
+    rhs = frame.dipole(frame.b).mul_(shell_support).add_(reg * x0)  # in S, as normal's output and the preconditioner's
     if start is not None:
         x0 = frame.pad(start.float()) * m
     precond = None if precond_weight is None else frame.fourier_preconditioner(shell_support, frame.D, precond_weight)
     x = cg(normal, rhs, x0, float(tol), int(iterations), precond)
     ratio = _norm_ratio(residual_field(x).sub_(frame.b), frame.b)
     return frame.result(x), ratio
+
+
+def shell_room(margin_mm: float, voxel_size: Sequence[float]) -> list[int]:
+    """Voxels of zero padding per side that :func:`margin_tikhonov`'s shell of ``margin_mm`` needs around the box."""
+    return [math.ceil(margin_mm / d) + 1 for d in voxel_size]
+
+
+def _holds(frame: Frame, room: Sequence[int]) -> bool:
+    """Whether ``frame``'s zero padding is at least ``room`` voxels on every side of its box."""
+    return all(
+        before >= r and p - n - before >= r for before, p, n, r in zip(frame.op.before, frame.pshape, frame.shape, room)
+    )
 
 
 def harmonic_tikhonov(
@@ -262,6 +281,7 @@ def harmonic_tikhonov(
     tol: float = 1e-4,
     precond_weight: float | None = None,
     crop_to_mask: bool = True,
+    frame: Frame | None = None,
 ) -> torch.Tensor:
     """Refinement with a data term blind to harmonic fields: the background remnants of any removal method.
 
@@ -272,12 +292,14 @@ def harmonic_tikhonov(
     non-harmonic part. The price: the harmonic part of the local field (low spatial frequencies) comes from the
     prior, not from the data. (δ − s_r)D is one Fourier multiplier, so an iteration costs what the support model's
     does. ``precond_weight``: ν of the Fourier preconditioner M F⁻¹(|(1 − s_r)D|² + ν)⁻¹F M (``None``: plain CG).
-    ``crop_to_mask``: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`).
+    ``crop_to_mask``: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`); ``frame``: that
+    frame if the caller has built it (``pad`` and ``crop_to_mask`` are then its own).
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
     """
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask)
+    if frame is None:
+        frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask)
     m = frame.mf
     high_pass = 1.0 - frame.smv_symbol(radius_mm)
     kernel = frame.D * high_pass
@@ -288,12 +310,12 @@ def harmonic_tikhonov(
     def filtered(x: torch.Tensor) -> torch.Tensor:
         return frame.ifft(scale_spectrum(frame.fft(x), kernel))
 
-    def normal(x: torch.Tensor) -> torch.Tensor:
-        return filtered(filtered(x * m).mul_(trusted)).mul_(m).add_(x * m, alpha=float(weight))
+    def normal(x: torch.Tensor) -> torch.Tensor:  # x in the mask: x0 is, and so is every CG vector
+        return filtered(filtered(x).mul_(trusted)).mul_(m).add_(x, alpha=float(weight))
 
     x0 = frame.pad(prior.float()) * m
     data = frame.ifft(scale_spectrum(frame.fft(frame.b), high_pass)).mul_(trusted)
-    rhs = filtered(data).mul_(m).add_(x0, alpha=float(weight))
+    rhs = filtered(data).mul_(m).add_(x0, alpha=float(weight))  # in the mask, as normal's output
     precond = None if precond_weight is None else frame.fourier_preconditioner(m, kernel, precond_weight)
     return frame.result(cg(normal, rhs, x0, float(tol), int(iterations), precond))
 
@@ -335,22 +357,22 @@ def auto_refinement(
         (χ (ppm), a record: ``residual_ratio_support``, ``residual_ratio_shell``, ``inconsistency_ratio``,
         ``data_inconsistent`` and ``dc_model_used``).
     """
-    chi_in = data_consistency(
-        chi_net,
+    # one frame (box, padding, kernel) for the support fit, its residual and, where its padding holds the shell (as
+    # on every brain-sized grid), the shell fit: what Frame(..., min_pad=room) would build is then this very grid
+    frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask)
+    chi_in = masked_tikhonov(
         field,
         mask,
-        weight,
         voxel_size,
         b0_direction,
-        solver="cg",
-        iterations=iterations,
+        weight,
+        iterations,
+        prior=chi_net,
         tol=tol,
-        cg_pad=pad,
         precond_weight=precond_weight,
-        crop_to_mask=crop_to_mask,
+        frame=frame,
     )
-    # the support fit's residual in its own model (box and padding), as the shell fit's below
-    rho_in = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask).residual_ratio(chi_in)
+    rho_in = frame.residual_ratio(chi_in)  # the support fit's residual in its own model, as the shell fit's below
     _, rho_shell = margin_tikhonov(
         field,
         mask,
@@ -366,6 +388,7 @@ def auto_refinement(
         precond_weight=precond_weight,
         start=chi_in,
         crop_to_mask=crop_to_mask,
+        frame=frame if _holds(frame, shell_room(margin_mm, voxel_size)) else None,
     )
     ratio = rho_in / max(rho_shell, 1e-12)
     record = {
@@ -389,6 +412,7 @@ def auto_refinement(
             pad=pad,
             precond_weight=precond_weight,
             crop_to_mask=crop_to_mask,
+            frame=frame,
         )
     except EmptyDataTerm:  # no voxel deep enough inside the mask: the network's χ is the safe answer
         return chi_net * (mask > 0), {**record, "dc_model_used": "none (mask thinner than the harmonic sphere)"}

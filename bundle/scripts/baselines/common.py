@@ -120,12 +120,18 @@ class Frame:
     def fourier_preconditioner(
         self, support: torch.Tensor, kernel: torch.Tensor, weight: float
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """x ↦ S F⁻¹[F(S x) / (K² + ν)]: the inverse of the unmasked normal operator K² + ν, restricted to ``support``.
+        """x ↦ S F⁻¹[F(x) / (K² + ν)] S for x supported in S: the inverse of the unmasked normal operator K² + ν,
+        restricted to ``support``.
 
         For a masked Tikhonov problem (S Kᵀ W K S + μS) χ = … this is exact where the mask covers the whole grid
         (ν = μ) and a good approximation inside large masks: conjugate gradients with it needs a fraction of the
         iterations. A ν somewhat larger than μ (measured: 10 μ) keeps the cone's poorly determined components from
         dominating the first steps. SPD on the support, as CG requires.
+
+        The vectors it is applied to must already lie in S (zero outside it), so that the input mask S of
+        S F⁻¹(…)F S is a no-op and is skipped (one pass over the grid less per CG iteration): CG applies it to
+        residuals rhs − A x, which lie in S where the right-hand side and the normal operator's output do, as in
+        every problem restricted to a support here.
 
         Arguments:
             support: padded (PX, PY, PZ) 0/1 float mask S.
@@ -136,8 +142,8 @@ class Frame:
             raise ValueError(f"preconditioner weight must be > 0, got {weight}")
         symbol = kernel.square().add_(float(weight)).reciprocal_()
 
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            return self.ifft(scale_spectrum(self.fft(x * support), symbol)).mul_(support)
+        def apply(x: torch.Tensor) -> torch.Tensor:  # x = S x (see above)
+            return self.ifft(scale_spectrum(self.fft(x), symbol)).mul_(support)
 
         return apply
 

@@ -46,6 +46,7 @@ def masked_tikhonov(
     dtype: torch.dtype = torch.float32,
     precond_weight: float | None = None,
     crop_to_mask: bool = True,
+    frame: Frame | None = None,
 ) -> torch.Tensor:
     """Mask-weighted, support-constrained Tikhonov inversion, solved by conjugate gradients.
 
@@ -78,6 +79,8 @@ def masked_tikhonov(
             (:meth:`~scripts.baselines.common.Frame.fourier_preconditioner`); ``None``: plain CG.
         crop_to_mask: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`; ``False``: on the
             whole input grid, as before 2026-12-06: the same problem on larger FFTs).
+        frame: the :class:`~scripts.baselines.common.Frame` of this ``field`` and ``mask`` if the caller has built it
+            (``pad``, ``dtype`` and ``crop_to_mask`` are then its own), so that several solves on one case share it.
 
     Returns:
         χ (ppm), (X, Y, Z), 0 outside the mask.
@@ -92,13 +95,13 @@ def masked_tikhonov(
         raise ValueError(f"lam must be > 0, got {lam}")
     if int(iterations) < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)  # b: local field
-    m = frame.mf
+    if frame is None:
+        frame = Frame(field, mask, voxel_size, b0_direction, pad, dtype, crop_to_mask=crop_to_mask)  # b: local field
+    m, dtype = frame.mf, frame.dtype
 
-    def normal(x: torch.Tensor) -> torch.Tensor:
-        xm = x * m
-        local = frame.project(frame.dipole(xm))  # P: inside the mask, minus its mean there
-        return frame.dipole(local).mul_(m).add_(xm, alpha=lam)
+    def normal(x: torch.Tensor) -> torch.Tensor:  # x lies in the mask: x0 does, and so does every CG vector (below)
+        local = frame.project(frame.dipole(x))  # P: inside the mask, minus its mean there
+        return frame.dipole(local).mul_(m).add_(x, alpha=lam)
 
     if prior is None:
         x0 = torch.zeros_like(m)
@@ -107,7 +110,7 @@ def masked_tikhonov(
         if tuple(p.shape) != frame.full_shape:
             raise ValueError(f"prior shape {tuple(p.shape)} differs from the field's {frame.full_shape}")
         x0 = frame.pad(p) * m
-    rhs = frame.dipole(frame.b).mul_(m).add_(x0, alpha=lam)
+    rhs = frame.dipole(frame.b).mul_(m).add_(x0, alpha=lam)  # in the mask, as normal's output and the preconditioner's
     precond = None if precond_weight is None else frame.fourier_preconditioner(m, frame.D, precond_weight)
     return frame.result(cg(normal, rhs, x0, float(tol), int(iterations), precond))
 
