@@ -11,11 +11,13 @@ against the true χ, seconds, and what ``auto`` decided (its inconsistency ratio
 Usage (from the repository root)::
 
     python bench/bench_refinement.py --seeds 201 202 [--bfr pdf] [--previous] [--test_iterations 10 6 4]
+        [--pads 0.125 0.1]
 
 Every solve uses ``inference.json``'s settings (iterations, preconditioner, test iterations, grid padding
 ``dc_pad``); ``--previous`` also runs ``auto`` with the previous default (60 plain CG iterations, a 60-iteration
 shell test), in the same run and on the same grid;
-``--test_iterations`` runs ``auto`` once per given shell-test iteration count instead of the configured one.
+``--test_iterations`` runs ``auto`` once per given shell-test iteration count instead of the configured one, and
+``--pads`` once per grid padding (``dc_pad``; every pair of the two when both are given).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument(
         "--test_iterations", type=int, nargs="+", default=None, help="auto's shell-test iterations to compare"
     )
+    parser.add_argument("--pads", type=float, nargs="+", default=None, help="auto's grid paddings (dc_pad) to compare")
     args = parser.parse_args()
     config = ConfigParser()
     config.read_config(str(BUNDLE / "configs" / "inference.json"))
@@ -99,13 +102,23 @@ def main() -> None:
             chi = harmonic_tikhonov(b, m, dc["dc_weight"], voxel, b0, radius_mm=dc["dc_smv_radius_mm"], **common)
             score("+ harmonic model", chi, time.perf_counter() - start)
             tests = args.test_iterations or [dc["dc_test_iterations"]]
+            pads = args.pads or [dc["dc_pad"]]
             settings = [
-                (f"+ auto (test {t})" if args.test_iterations else "+ auto (default)", dc["dc_iterations"], t, pre)
+                (
+                    "+ auto" + (f" (test {t})" if args.test_iterations else "") + (f" (pad {p:g})" if args.pads else ""),
+                    dc["dc_iterations"],
+                    t,
+                    pre,
+                    p,
+                )
                 for t in tests
+                for p in pads
             ]
+            if not (args.test_iterations or args.pads):
+                settings[0] = ("+ auto (default)", *settings[0][1:])
             if args.previous:
-                settings.append(("+ auto (previous: 60/60 CG)", 60, 60, None))  # on the current grid (dc_pad)
-            for name, iterations, test_iterations, weight in settings:
+                settings.append(("+ auto (previous: 60/60 CG)", 60, 60, None, dc["dc_pad"]))  # on the current grid
+            for name, iterations, test_iterations, weight, pad in settings:
                 start = time.perf_counter()
                 chi, record = auto_refinement(
                     chi_net,
@@ -120,7 +133,7 @@ def main() -> None:
                     outside_weight=dc["dc_outside_weight"],
                     radius_mm=dc["dc_smv_radius_mm"],
                     inconsistency=dc["dc_inconsistency"],
-                    pad=dc["dc_pad"],
+                    pad=pad,
                     precond_weight=weight,
                 )
                 score(name, chi, time.perf_counter() - start, json.dumps(record))
