@@ -240,3 +240,26 @@ def test_scale_spectrum_is_the_complex_product_in_place():
         scale_spectrum(spectrum, symbol.to(torch.complex64))
     with pytest.raises(ValueError, match="complex spectrum"):
         scale_spectrum(symbol, symbol)
+
+
+def test_ball_counts_match_a_brute_force_count():
+    """Mask voxels within r mm of each voxel (anisotropic voxels, a mask touching the array's edge, beyond which
+    nothing counts), by the FFT count against an explicit loop over the ball's offsets."""
+    from scripts.physics import ball_counts, ball_offsets
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((9, 8, 7)) > 0.6
+    mask[0, :, 0] = True
+    voxel, radius = (1.0, 1.5, 2.0), 3.1
+    ball = ball_offsets(voxel, radius).numpy() > 0
+    ext = [(n - 1) // 2 for n in ball.shape]
+    assert ball.shape == (7, 5, 3) and ball[tuple(ext)] and not ball[0, 0, 0]
+    expected = np.zeros(mask.shape)
+    padded = np.pad(mask, [(e, e) for e in ext])
+    for o in np.argwhere(ball):
+        shift = [int(oi) - e for oi, e in zip(o, ext)]
+        expected += padded[tuple(slice(e + s, e + s + n) for e, s, n in zip(ext, shift, mask.shape))]
+    counts = ball_counts(mask, voxel, radius).numpy()
+    assert counts.shape == mask.shape
+    np.testing.assert_allclose(counts, expected, atol=1e-6)
+    assert np.array_equal(np.rint(counts), expected) and expected.max() > 5
