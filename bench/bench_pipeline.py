@@ -35,11 +35,13 @@ Cases: ``demo``, inference.json's demo (160×192×160 1 mm brain, four microblee
 brain of 168×200×176 (:class:`scripts.phantoms.BrainPhantom`, seed 10001, SNR 40) simulated once in setup (not
 timed) and given as files, ``--field F --mask M``, as a user would (its truth stays with the benchmark).
 
-Settings: ``previous`` is the default of commit 9daa812 as far as a setting switches it: the refinement's grid padded
-by 1/8 of the volume per side (``--dc_pad 0.125``; now 1/10). The code-level changes made with it (the margin shell
-grown by an FFT ball count instead of a distance transform) run in both; to time commit 9daa812 itself, run its
-command line from a worktree (``git worktree add /tmp/prev 9daa812``; the model card quotes both). ``current`` is
-``configs/inference.json`` as it is. In process every run of ``previous`` (its warm-up first) comes before any run
+Settings: ``previous`` is the default of commit 9daa812 as far as a setting switches it: none differs (the changes
+since are in the code: the refinement's margin shell grown by an FFT ball count instead of a distance transform, one
+frame for all of ``auto``'s solves, CG vectors not masked again), so the two settings run the same code unless
+``--previous_tree DIR`` names a checkout of the earlier commit (``git worktree add /tmp/prev 9daa812``): then
+``previous`` runs that tree's ``bundle/`` with its own defaults, on the command line only, alternating with the
+current tree's runs, and the maps compared are the written ones (the network-alone χ is not written). ``current``
+is ``configs/inference.json`` as it is. In process every run of ``previous`` (its warm-up first) comes before any run
 of ``current`` (a rule from an earlier ``previous``, glibc's allocator setting, which holds for the rest of a
 process); the command-line runs alternate. (Earlier ``previous`` settings: the default of commit ca6dda0,
 ``--keep_freed_memory False``; of commit ada0b9f, ``--dc_crop_to_mask False --fold_batchnorm False``; before commit
@@ -55,7 +57,7 @@ and the command-line χ of the same setting.
 Usage (from the repository root; on this repository's 2-core CPU, pinned to one core)::
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c 1 python bench/bench_pipeline.py --threads 1 \\
-        [--cases demo brain] [--repeats 1] [--no_command_line] [--no_warmup] [--keep DIR]
+        [--cases demo brain] [--repeats 1] [--no_command_line] [--no_warmup] [--keep DIR] [--previous_tree DIR]
 """
 
 from __future__ import annotations
@@ -93,8 +95,9 @@ from scripts.metrics import nrmse, xsim  # noqa: E402
 from scripts.networks import bf16_supported  # noqa: E402
 from scripts.phantoms import BrainPhantom, RandomSourcePhantom  # noqa: E402
 
-#: The default of commit 9daa812, as far as command-line overrides of inference.json switch it.
-PREVIOUS: dict[str, object] = {"dc_pad": 0.125}
+#: The default of commit 9daa812, as far as command-line overrides of inference.json switch it: none differs (the
+#: changes since are in the code; compare with that commit through ``--previous_tree``).
+PREVIOUS: dict[str, object] = {}
 SETTINGS: dict[str, dict[str, object]] = {"previous": PREVIOUS, "current": {}}
 
 STAGES = (
@@ -269,8 +272,11 @@ def run_in_process(case: Case, setting: dict[str, object], output_dir: str) -> R
     return Run(timers.stages(total), output_dir, network_chi, solve, windows[0])
 
 
-def run_command_line(case: Case, setting: dict[str, object], output_dir: str, threads: int | None) -> float:
-    """Run ``python -m monai.bundle run inference`` from ``bundle/`` in a subprocess; its wall time (s)."""
+def run_command_line(
+    case: Case, setting: dict[str, object], output_dir: str, threads: int | None, bundle: pathlib.Path = BUNDLE
+) -> float:
+    """Run ``python -m monai.bundle run inference`` from ``bundle`` (this tree's by default) in a subprocess; its wall
+    time (s)."""
     command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"]
     command += ["--output_dir", output_dir]
     for key, value in {**case.overrides, **setting}.items():
@@ -281,7 +287,7 @@ def run_command_line(case: Case, setting: dict[str, object], output_dir: str, th
     log = pathlib.Path(output_dir + ".log")
     start = time.perf_counter()
     with open(log, "w") as f:
-        done = subprocess.run(command, cwd=BUNDLE, env=env, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, cwd=bundle, env=env, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
@@ -358,46 +364,55 @@ def load_average() -> str:
 def print_table(
     case: Case, runs: dict[str, list[Run]], cli: dict[str, list[float]], logs: dict[str, list[dict[str, float]]]
 ) -> None:
-    repeats = len(runs["previous"])
+    repeats = len(runs["current"])
     print(f"\n== {case.name}: {case.description}; seconds, median of {repeats} in-process run(s)")
     print(f"{'stage':<34}{'previous':>10}{'current':>10}{'ratio':>8}")
 
-    def row(label: str, old: float | None, new: float | None) -> None:
-        if old is None or new is None:
+    def row(label: str, old: float | None, new: float | None) -> None:  # previous None: not run in process
+        if new is None:
             return
-        ratio = f"{new / old:8.2f}" if old >= 0.005 else f"{'-':>8}"
-        print(f"{label:<34}{old:10.2f}{new:10.2f}{ratio}")
+        ratio = f"{new / old:8.2f}" if old is not None and old >= 0.005 else f"{'-':>8}"
+        print(f"{label:<34}{'-' if old is None else f'{old:.2f}':>10}{new:10.2f}{ratio}")
 
-    medians = {s: {k: statistics.median(r.seconds[k] for r in rs) for k in STAGES} for s, rs in runs.items()}
+    medians = {
+        s: {k: statistics.median(r.seconds[k] for r in rs) if rs else None for k in STAGES} for s, rs in runs.items()
+    }
     for stage in STAGES:
         if stage == "total":
             print("-" * 62)
         row(stage, medians["previous"][stage], medians["current"][stage])
         if stage == "refinement":
             solves = {s: [r.solve_seconds for r in rs if r.solve_seconds is not None] for s, rs in runs.items()}
-            if all(solves.values()):
-                row("  of which the solve (report)", *(statistics.median(solves[s]) for s in SETTINGS))
+            if solves["current"]:
+                row("  of which the solve (report)", *(statistics.median(v) if v else None for v in solves.values()))
     if all(cli.values()):
         row("command line, wall (median)", *(statistics.median(cli[s]) for s in SETTINGS))
         for name in ("network", "refinement", "total"):
             if all(name in log for s in SETTINGS for log in logs[s]):
                 medians_log = (statistics.median(log[name] for log in logs[s]) for s in SETTINGS)
                 row(f"  its log's StageTimes {name}", *medians_log)
-    windows = {s: statistics.median(r.windows for r in rs) for s, rs in runs.items()}
-    each = {s: medians[s]["network"] / max(windows[s], 1) for s in SETTINGS}
-    print("network windows run: " + ", ".join(f"{s} {windows[s]:g} ({each[s]:.3f} s each)" for s in SETTINGS))
+    windows = {s: statistics.median(r.windows for r in rs) for s, rs in runs.items() if rs}
+    each = {s: medians[s]["network"] / max(windows[s], 1) for s in windows}
+    print("network windows run: " + ", ".join(f"{s} {windows[s]:g} ({each[s]:.3f} s each)" for s in windows))
 
 
 def print_maps(case: Case, runs: dict[str, list[Run]], cli_dirs: dict[str, str | None]) -> None:
-    first = {s: rs[0] for s, rs in runs.items()}
-    folder = first["current"].output_dir
+    """The maps' difference and scores; a setting run on the command line only (``--previous_tree``) is read from
+    its command-line output (its network-alone χ is not written, so only the refined maps are compared)."""
+    folders = {s: rs[0].output_dir if rs else cli_dirs[s] for s, rs in runs.items()}
+    if None in folders.values():
+        print(f"maps of {case.name}: not compared (a setting has no written χ)")
+        return
+    folder = folders["current"]
     truth = read(case.truth or os.path.join(folder, "demo_input", "chi_truth.nii.gz"))
     mask = read(case.mask or os.path.join(folder, "demo_input", "mask.nii.gz")) > 0
     truth_t, mask_t = torch.from_numpy(truth), torch.from_numpy(mask)
-    chi = {s: read(written(r.output_dir, "_chi.nii.gz")) for s, r in first.items()}
-    net = {s: r.network_chi for s, r in first.items()}
+    chi = {s: read(written(d, "_chi.nii.gz")) for s, d in folders.items()}
+    compared = [("network + refinement", chi)]
+    if all(runs.values()):
+        compared.append(("network alone", {s: rs[0].network_chi for s, rs in runs.items()}))
     print(f"maps of {case.name} (first repeat; current − previous, ppm; NRMSE/XSIM against the truth, in the mask):")
-    for label, maps in (("network + refinement", chi), ("network alone", net)):
+    for label, maps in compared:
         delta = maps["current"] - maps["previous"]
         rms = float(np.sqrt(np.mean(delta[mask].astype(np.float64) ** 2)))
         scores = ", ".join(
@@ -406,13 +421,13 @@ def print_maps(case: Case, runs: dict[str, list[Run]], cli_dirs: dict[str, str |
             for s in SETTINGS
         )
         print(f"  {label}: max |Δχ| {np.abs(delta).max():.4f}, RMS Δχ {rms:.4f}; NRMSE / XSIM {scores}")
-    for setting, run in first.items():
-        record = refinement_record(run.output_dir)
+    for setting, directory in folders.items():
+        record = refinement_record(directory)
         keys = [k for k in REPORT_KEYS if k in record]
         shown = (f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in keys)
         print(f"  report, {setting}: " + ", ".join(shown))
     for setting, directory in cli_dirs.items():
-        if directory is not None:
+        if directory is not None and runs[setting]:
             diff = np.abs(read(written(directory, "_chi.nii.gz")) - chi[setting]).max()
             print(f"  command line vs in-process, {setting}: max |Δχ| {diff:.2e}")
 
@@ -425,7 +440,20 @@ def main() -> None:
     parser.add_argument("--no_command_line", action="store_true", help="skip the subprocess runs")
     parser.add_argument("--no_warmup", action="store_true", help="skip the untimed warm-up runs")
     parser.add_argument("--keep", default=None, help="write outputs here and keep them (default: a temp dir)")
+    parser.add_argument(
+        "--previous_tree",
+        default=None,
+        help="a checkout of an earlier commit (git worktree add DIR COMMIT): 'previous' runs its bundle/ on the "
+        "command line only, with its own defaults",
+    )
     args = parser.parse_args()
+    previous_bundle = pathlib.Path(args.previous_tree).resolve() / "bundle" if args.previous_tree else BUNDLE
+    if not (previous_bundle / "configs" / "inference.json").is_file():
+        parser.error(f"--previous_tree {args.previous_tree}: no bundle/configs/inference.json there")
+    if args.previous_tree:
+        SETTINGS["previous"] = {}  # that tree's own defaults
+    if args.previous_tree and args.no_command_line:
+        parser.error("--previous_tree runs the previous tree on the command line only: drop --no_command_line")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.threads is not None:
@@ -444,6 +472,9 @@ def main() -> None:
     )
     defaults = ConfigParser.load_config_file(str(CONFIG))
     for name, setting in SETTINGS.items():
+        if name == "previous" and args.previous_tree:
+            print(f"previous: the defaults of {previous_bundle.parent} (command line only)")
+            continue
         values = {k: setting.get(k, defaults[k]) for k in PREVIOUS}
         print(f"{name}: " + ", ".join(f"{k} {cli_value(v)}" for k, v in values.items()))
 
@@ -465,6 +496,8 @@ def main() -> None:
         # are processes of their own and alternate).
         runs: dict[str, dict[str, list[Run]]] = {c: {s: [] for s in SETTINGS} for c in args.cases}
         for name, setting in SETTINGS.items():
+            if name == "previous" and args.previous_tree:
+                continue
             if warmup is not None:
                 start = time.perf_counter()
                 run_in_process(warmup, setting, str(root / f"warmup_{name}"))
@@ -484,7 +517,8 @@ def main() -> None:
             for repeat in range(0 if args.no_command_line else args.repeats):
                 for name, setting in SETTINGS.items():
                     directory = str(root / f"{case_name}_{name}_{repeat}_cli")
-                    cli[name].append(run_command_line(case, setting, directory, args.threads))
+                    bundle = previous_bundle if name == "previous" else BUNDLE
+                    cli[name].append(run_command_line(case, setting, directory, args.threads, bundle))
                     logs[name].append(log_stage_times(directory))
                     cli_dirs[name] = cli_dirs[name] or directory
                     print(f"  {case_name} {name} command line #{repeat}: {cli[name][-1]:.1f} s", flush=True)

@@ -127,7 +127,7 @@ def test_the_refinement_has_no_defaults_of_its_own():
     assert (config["dc_weight"], config["dc_solver"], config["dc_iterations"]) == (3e-4, "cg", 30)
     assert config["dc_precond_weight"] == 3e-3
     assert config["dc_crop_to_mask"] is True
-    assert config["dc_pad"] == 0.1
+    assert config["dc_pad"] == 0.125
     for fn in (data_consistency, DataConsistencyd.__init__):
         params = inspect.signature(fn).parameters
         for name in ("weight", "solver"):
@@ -294,7 +294,7 @@ def dense_refinement(field, mask, prior, weight, voxel, b0, grid):
 # Even padded sizes with an oblique B0 leave D(k) ≠ D(−k) on the Nyquist planes (±k_N alias), where a full complex
 # FFT (the reference) and a real FFT (the bundle) legitimately disagree; oblique B0 is therefore checked on odd
 # padded grids (voxel-count padding), axis-aligned B0 on the fractional paddings inference uses.
-PADDED_CASES = [  # shape, cg_pad (None: data_consistency's CG_PAD; 0.1: inference.json's dc_pad), B0, crop, grid
+PADDED_CASES = [  # shape, cg_pad (None: data_consistency's CG_PAD, as inference.json's dc_pad), B0, crop, grid
     ((8, 8, 6), None, (0.0, 0.0, 1.0), False, (10, 10, 8)),
     ((9, 11, 6), 0.1, (0.0, 0.0, 1.0), True, (12, 15, 8)),
     ((8, 8, 6), 0.5, (0.0, 0.0, 1.0), False, (16, 16, 12)),
