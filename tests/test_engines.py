@@ -513,7 +513,9 @@ def test_shipped_weights_resume_from_their_sidecar():
     schedule = record["lr_scheduler"]
     generator = QSMGenerator(qsmgan_unet(features=record["features"]))
     optimizer = torch.optim.Adam(generator.parameters(), lr=schedule["base_lrs"][0])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule["T_max"], eta_min=schedule["eta_min"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=schedule["T_max"], eta_min=schedule["eta_min"]
+    )
     engine = Engine(lambda e, b: None)
     engine.state.max_epochs, engine.state.epoch_length = record["max_epochs"], record["epoch_length"]
     load = {"model": generator, "optimizer": optimizer, "lr_scheduler": scheduler}

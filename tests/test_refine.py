@@ -88,17 +88,17 @@ def test_masked_cg_refinement():
         data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg")
     with pytest.raises(InputError, match="dc_solver"):
         DataConsistencyd(weight=0.01, solver="admm", iterations=1, **dc_models(inference_config()))
+    settings = dc_models(inference_config())
     for bad in (0.0, -1e-3):
         with pytest.raises(InputError, match="dc_precond_weight"):
-            DataConsistencyd(weight=0.01, solver="cg", iterations=1, **{**dc_models(inference_config()), "precond_weight": bad})
+            DataConsistencyd(weight=0.01, solver="cg", iterations=1, **{**settings, "precond_weight": bad})
     for bad in (-0.1, 3.0, "wide"):
         with pytest.raises(InputError, match="dc_pad"):
-            DataConsistencyd(weight=0.01, solver="cg", iterations=1, **{**dc_models(inference_config()), "cg_pad": bad})
+            DataConsistencyd(weight=0.01, solver="cg", iterations=1, **{**settings, "cg_pad": bad})
     # the preconditioned solve is the same problem: with enough iterations both reach the same χ
-    plain = data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg", iterations=300, tol=1e-7)
-    pre = data_consistency(
-        chi_net, case["field"], case["mask"], 0.01, voxel, b0, solver="cg", iterations=300, tol=1e-7, precond_weight=0.03
-    )
+    long_solve = dict(solver="cg", iterations=300, tol=1e-7)
+    plain = data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, **long_solve)
+    pre = data_consistency(chi_net, case["field"], case["mask"], 0.01, voxel, b0, **long_solve, precond_weight=0.03)
     assert float((pre - plain).norm() / plain.norm()) < 1e-3
 
 
@@ -112,7 +112,8 @@ def inference_config() -> dict:
 
 def dc_models(config: dict) -> dict:
     """DataConsistencyd's data-model settings as inference.json gives them (they have no defaults of their own)."""
-    keys = ("model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations", "precond_weight")
+    keys = ("model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations")
+    keys += ("precond_weight",)
     return {**{k: config[f"dc_{k}"] for k in keys}, "cg_pad": config["dc_pad"]}
 
 
