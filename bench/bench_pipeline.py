@@ -447,13 +447,14 @@ def main() -> None:
         "command line only, with its own defaults",
     )
     args = parser.parse_args()
-    previous_bundle = pathlib.Path(args.previous_tree).resolve() / "bundle" if args.previous_tree else BUNDLE
-    if not (previous_bundle / "configs" / "inference.json").is_file():
-        parser.error(f"--previous_tree {args.previous_tree}: no bundle/configs/inference.json there")
+    previous_bundle = BUNDLE
     if args.previous_tree:
+        previous_bundle = pathlib.Path(args.previous_tree).resolve() / "bundle"
+        if not (previous_bundle / "configs" / "inference.json").is_file():
+            parser.error(f"--previous_tree {args.previous_tree}: no bundle/configs/inference.json there")
+        if args.no_command_line:
+            parser.error("--previous_tree runs the previous tree on the command line only: drop --no_command_line")
         SETTINGS["previous"] = {}  # that tree's own defaults
-    if args.previous_tree and args.no_command_line:
-        parser.error("--previous_tree runs the previous tree on the command line only: drop --no_command_line")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.threads is not None:

@@ -94,7 +94,7 @@ def main() -> None:
             common = dict(prior=chi_net, iterations=dc["dc_iterations"], pad=dc["dc_pad"], precond_weight=pre)
             start = time.perf_counter()
             chi = masked_tikhonov(
-                b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], **{k: common[k] for k in ("prior", "pad")},
+                b, m, voxel, b0, dc["dc_weight"], dc["dc_iterations"], prior=chi_net, pad=dc["dc_pad"],
                 precond_weight=pre,
             )
             score("+ support model", chi, time.perf_counter() - start)
@@ -103,19 +103,11 @@ def main() -> None:
             score("+ harmonic model", chi, time.perf_counter() - start)
             tests = args.test_iterations or [dc["dc_test_iterations"]]
             pads = args.pads or [dc["dc_pad"]]
-            settings = [
-                (
-                    "+ auto" + (f" (test {t})" if args.test_iterations else "") + (f" (pad {p:g})" if args.pads else ""),
-                    dc["dc_iterations"],
-                    t,
-                    pre,
-                    p,
-                )
-                for t in tests
-                for p in pads
-            ]
-            if not (args.test_iterations or args.pads):
-                settings[0] = ("+ auto (default)", *settings[0][1:])
+            def label(t, p):
+                given = (f" (test {t})" if args.test_iterations else "") + (f" (pad {p:g})" if args.pads else "")
+                return "+ auto" + (given or " (default)")
+
+            settings = [(label(t, p), dc["dc_iterations"], t, pre, p) for t in tests for p in pads]
             if args.previous:
                 settings.append(("+ auto (previous: 60/60 CG)", 60, 60, None, dc["dc_pad"]))  # on the current grid
             for name, iterations, test_iterations, weight, pad in settings:

@@ -104,7 +104,7 @@ def erode_mask(mask: torch.Tensor, voxel_size: Sequence[float], radius_mm: float
     if m.any():
         box = mask_box(m)
         full = float(ball_offsets(voxel, radius_mm).sum())
-        out[box] = (ball_counts(m[box], voxel, radius_mm) > full - 0.5).numpy() & m[box]
+        out[box] = (ball_counts(m[box], voxel, radius_mm) > full - 0.5).numpy()  # the ball holds its centre
     return torch.from_numpy(out).to(mask.device)
 
 

@@ -42,7 +42,6 @@ __all__ = [
     "dipole_residual",
     "data_consistency",
     "margin_tikhonov",
-    "shell_room",
     "harmonic_tikhonov",
     "auto_refinement",
     "DataConsistencyd",
@@ -224,17 +223,15 @@ def margin_tikhonov(
             solution, so that the iterations go to the shell's sources.
         crop_to_mask: solve on the mask's bounding box (:class:`~scripts.baselines.common.Frame`); the shell then
             lies in the box's zero padding, widened where needed to hold it.
-        frame: a :class:`~scripts.baselines.common.Frame` of this field and mask already built whose padding holds the
-            shell (:func:`shell_room`), used instead of building one.
+        frame: a :class:`~scripts.baselines.common.Frame` of this field and mask already built, used where its zero
+            padding holds the shell (else a frame widened to hold it is built, as without one).
 
     Returns:
         (χ inside the mask (ppm), ‖P(D⊛χ) − b‖/‖b‖ with the shell's sources included).
     """
-    room = shell_room(margin_mm, voxel_size)
-    if frame is None:
+    room = [math.ceil(margin_mm / d) + 1 for d in voxel_size]  # the shell lies in the zero padding around the box
+    if frame is None or not _holds(frame, room):
         frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask, min_pad=room)
-    elif not _holds(frame, room):
-        raise ValueError(f"the frame's padding {frame.pshape} around {frame.shape} leaves no {room}-voxel room")
     m = frame.mf
     shell_support = dilate_mask(frame.m, frame.voxel, margin_mm).float()
     reg = torch.where(frame.m, torch.tensor(float(weight)), torch.tensor(float(outside_weight))) * shell_support
@@ -253,11 +250,6 @@ def margin_tikhonov(
     x = cg(normal, rhs, x0, float(tol), int(iterations), precond)
     ratio = _norm_ratio(residual_field(x).sub_(frame.b), frame.b)
     return frame.result(x), ratio
-
-
-def shell_room(margin_mm: float, voxel_size: Sequence[float]) -> list[int]:
-    """Voxels of zero padding per side that :func:`margin_tikhonov`'s shell of ``margin_mm`` needs around the box."""
-    return [math.ceil(margin_mm / d) + 1 for d in voxel_size]
 
 
 def _holds(frame: Frame, room: Sequence[int]) -> bool:
@@ -357,8 +349,8 @@ def auto_refinement(
         (χ (ppm), a record: ``residual_ratio_support``, ``residual_ratio_shell``, ``inconsistency_ratio``,
         ``data_inconsistent`` and ``dc_model_used``).
     """
-    # one frame (box, padding, kernel) for the support fit, its residual and, where its padding holds the shell (as
-    # on every brain-sized grid), the shell fit: what Frame(..., min_pad=room) would build is then this very grid
+    # one frame (box, padding, kernel) for the support fit, its residual, the harmonic fit and, where its padding
+    # holds the shell (as on every brain-sized grid), the shell fit
     frame = Frame(field, mask, voxel_size, b0_direction, pad, crop_to_mask=crop_to_mask)
     chi_in = masked_tikhonov(
         field,
@@ -388,7 +380,7 @@ def auto_refinement(
         precond_weight=precond_weight,
         start=chi_in,
         crop_to_mask=crop_to_mask,
-        frame=frame if _holds(frame, shell_room(margin_mm, voxel_size)) else None,
+        frame=frame,
     )
     ratio = rho_in / max(rho_shell, 1e-12)
     record = {
