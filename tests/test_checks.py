@@ -38,6 +38,21 @@ def test_refusal_through_the_command_line(tmp_path):
     assert_refused(text, out, str(missing), "field file not found")
 
 
+def test_weights_that_do_not_fit_stop_the_demo_before_it_writes_its_input(tmp_path):
+    """The demo simulates and writes its input only once the weights are known to fit the generator."""
+    import torch
+
+    from scripts.networks import QSMGenerator
+
+    other = tmp_path / "other.pt"
+    torch.save(QSMGenerator(features=(8, 8, 8, 8, 8, 4)).state_dict(), other)  # the run builds (4, 4, 8, 8, 8, 4)
+    out = tmp_path / "out"
+    result = infer(other, out, expect_ok=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-3000:]
+    assert_refused(text, out, f"{other} does not fit the network")
+
+
 def test_unreadable_file_is_refused(tmp_path):
     bad = tmp_path / "broken_field.nii.gz"
     bad.write_bytes(b"this is not a NIfTI file" * 10)

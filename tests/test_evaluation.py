@@ -258,6 +258,21 @@ def test_simulated_evaluation_set_is_simulated_again_when_the_settings_differ(tm
         write_dataset(str(tmp_path / "simulated"), **options([16, 16, 16]))
 
 
+def test_weights_that_do_not_fit_stop_the_evaluation_before_its_set_is_simulated(tmp_path):
+    from scripts.engines import GeneratorMatchesWeights
+    from scripts.evaluation import evaluation_datalist
+    from scripts.phantoms import RandomSourcePhantom
+    from scripts.simulate import SimulationSet
+
+    other = tmp_path / "other.pt"
+    torch.save(QSMGenerator(features=(8, 8, 8, 8, 8, 4)).state_dict(), other)
+    sets = {"random": SimulationSet(RandomSourcePhantom(), num_cases=1, snr=None, splits=[0, 0, 1])}
+    check = GeneratorMatchesWeights(QSMGenerator(features=(4, 4, 8, 8, 8, 4)), str(other))
+    with pytest.raises(ValueError, match="other.pt does not fit the network"):
+        evaluation_datalist(None, str(tmp_path / "out"), {"sets": sets, "shape": [16, 16, 16]}, weights_check=check)
+    assert not (tmp_path / "out").exists()
+
+
 def test_inference_with_a_label_reports_the_network_alone_and_refined(tmp_path):
     """End to end (tiny generator): metrics.json and the log name both network results; the preview is written."""
     from conftest import infer, save_tiny_checkpoint, write_case

@@ -1,5 +1,6 @@
-"""Process memory settings (scripts.memory): glibc keeps freed large blocks for reuse."""
+"""Process memory settings (scripts.memory): glibc keeps freed large blocks for reuse; start-up objects frozen."""
 
+import gc
 import platform
 import sys
 
@@ -29,3 +30,22 @@ def test_glibc_accepts_the_settings_and_large_tensors_still_work(monkeypatch):
         x = torch.ones(16 * 2**20)
         assert float(x.sum()) == 16 * 2**20
         del x
+
+
+def test_start_up_objects_are_frozen_once_and_later_objects_stay_collectable(monkeypatch):
+    monkeypatch.setattr(memory, "_frozen", False)
+    gc.unfreeze()
+    try:
+        assert memory.freeze_startup_objects(False) == 0  # disabled: the collector is left alone
+        with pytest.raises(ValueError, match="freeze_startup_objects"):
+            memory.freeze_startup_objects("maybe")
+        before = memory.freeze_startup_objects()
+        assert before > 1000  # the imports' objects (torch, pytest) now sit in the permanent generation
+        later = [[i] for i in range(5000)]  # made after the first call: a second call freezes nothing more
+        assert memory.freeze_startup_objects() == before
+        cycle = [later]
+        cycle.append(cycle)
+        del cycle, later
+        assert gc.collect() >= 1  # a cycle made after the freeze is still collected
+    finally:
+        gc.unfreeze()

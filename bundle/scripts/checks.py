@@ -625,6 +625,7 @@ def checked_cases(
     b0_direction: Sequence[float] | None = None,
     dc_weight: float | None,
     overwrite: bool = False,
+    weights_check: Callable[[], None] | None = None,
 ) -> list[dict[str, str]]:
     """The cases to reconstruct (:func:`inference_datalist`; ``demo`` when no input is given), every one checked.
 
@@ -639,6 +640,10 @@ def checked_cases(
     With any problem the run stops (``SystemExit``: a non-zero exit status) with a message listing each problem and
     the file it concerns; an output directory created for the check is removed again. Warnings (NaN/Inf left out of
     the mask with ``nonfinite: "mask"``) are logged.
+
+    ``weights_check`` (the config's :class:`~scripts.engines.GeneratorMatchesWeights`, called without an engine) is
+    part of stage 1: weights that do not fit the generator (a missing file, other shapes, a sidecar with other
+    settings) stop the run before the demo writes its input, as any other problem does.
     """
     problems: list[str] = []
     settings = None
@@ -684,6 +689,11 @@ def checked_cases(
     if problem:
         problems.append(problem)
     problems += output_problems(items or planned, output_dir, overwrite)
+    if weights_check is not None:
+        try:
+            weights_check()
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
     warnings: list[str] = []
     if not problems:  # stage 2: read every volume
         if use_demo:

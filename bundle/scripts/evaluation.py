@@ -28,7 +28,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,12 @@ def _case_names(entries: Sequence, limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping | None = None) -> list[dict]:
+def evaluation_datalist(
+    datalist: str | None,
+    output_dir: str,
+    simulate: Mapping | None = None,
+    weights_check: Callable[[], None] | None = None,
+) -> list[dict]:
     """Cases with ground truth: the ``testing`` items of ``datalist``, or a small simulated set.
 
     Only the ``testing`` section is evaluated (:data:`EVALUATION_SECTION`): a datalist without one is refused, and
@@ -79,7 +84,11 @@ def evaluation_datalist(datalist: str | None, output_dir: str, simulate: Mapping
             optionally ``labels`` (tissue labels) and ``lesion_ids``.
         output_dir: where the simulated set is written when ``datalist`` is None.
         simulate: keyword arguments of :func:`scripts.simulate.write_dataset` for that set (its ``sets``).
+        weights_check: called first (the config's :class:`~scripts.engines.GeneratorMatchesWeights`), so that
+            weights that do not fit the generator stop the evaluation before the set is simulated.
     """
+    if weights_check is not None:
+        weights_check()
     if datalist is None:
         from .simulate import settings_differences, simulation_settings, write_dataset
 
