@@ -242,6 +242,22 @@ def test_scale_spectrum_is_the_complex_product_in_place():
         scale_spectrum(symbol, symbol)
 
 
+def test_periodic_ball_is_the_ball_of_periodic_distances_and_wraps_on_a_narrow_grid():
+    """On a wide grid: the voxels whose periodic distance from index 0 is within r (anisotropic voxels, a centre
+    exactly on the sphere included); on a grid narrower than the ball, the offsets wrap around and add up."""
+    from scripts.physics import ball_offsets, periodic_ball
+
+    voxel, radius = (1.0, 1.5, 2.0), 3.0
+    shape = (11, 9, 8)
+    axes = [np.minimum(np.arange(n), n - np.arange(n)) * d for n, d in zip(shape, voxel)]
+    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    ball = periodic_ball(shape, voxel, radius).numpy()
+    np.testing.assert_array_equal(ball, (r2 <= radius**2).astype(float))
+    assert ball[3, 0, 0] == 1 and ball[0, 2, 0] == 1 and ball[0, 0, 2] == 0  # 3 mm along x and y; 4 mm along z
+    narrow = periodic_ball((4, 3, 8), voxel, radius).numpy()  # the 7 × 5 × 3 ball on 4 × 3 rows: overlaps add
+    assert narrow.sum() == ball_offsets(voxel, radius).sum() == ball.sum() and narrow.max() > 1
+
+
 def test_ball_counts_match_a_brute_force_count():
     """Mask voxels within r mm of each voxel (anisotropic voxels, a mask touching the array's edge, beyond which
     nothing counts), by the FFT count against an explicit loop over the ball's offsets."""

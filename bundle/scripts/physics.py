@@ -32,6 +32,7 @@ __all__ = [
     "demean_in_mask",
     "mask_box",
     "ball_offsets",
+    "periodic_ball",
     "ball_counts",
     "b0_direction_from_affine",
     "voxel_size_from_affine",
@@ -345,12 +346,26 @@ def mask_box(mask: np.ndarray | torch.Tensor, margin: int = 0) -> tuple[slice, .
 def ball_offsets(voxel: Sequence[float], radius_mm: float) -> torch.Tensor:
     """The ball {offsets o : |o·Δ| ≤ r} as a 0/1 float64 array of shape (2e_i + 1 per axis) centred on its middle
     voxel (e_i = ⌊r/Δ_i⌋): the voxel centres within ``radius_mm`` of a voxel centre, the support of the SMV filter
-    (:meth:`scripts.baselines.common.Frame.smv_symbol`)."""
+    and of the masks' erosion and dilation (:func:`periodic_ball`)."""
     reach = radius_mm + 1e-6  # a voxel centre exactly on the sphere belongs to the ball
     ext = [int(math.floor(reach / v)) for v in voxel]
     axes = [torch.arange(-e, e + 1, dtype=torch.float64) * v for e, v in zip(ext, voxel)]
     r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
     return (r2 <= reach * reach).to(torch.float64)
+
+
+def periodic_ball(shape: Sequence[int], voxel: Sequence[float], radius_mm: float) -> torch.Tensor:
+    """The ball of :func:`ball_offsets` on a periodic grid of ``shape``, centred on index 0: the kernel of a circular
+    convolution with it (float64 0/1; on a grid narrower than the ball the offsets wrap around and add up).
+
+    The one ball behind the SMV filter (:meth:`scripts.baselines.common.Frame.smv_symbol`) and the mask morphology
+    (:func:`ball_counts`).
+    """
+    ball = ball_offsets(voxel, radius_mm)
+    ext = torch.tensor([(n - 1) // 2 for n in ball.shape])
+    where = (torch.nonzero(ball) - ext) % torch.tensor([int(n) for n in shape])
+    out = torch.zeros(tuple(int(n) for n in shape), dtype=torch.float64)
+    return out.index_put_(tuple(where.T), torch.ones(len(where), dtype=torch.float64), accumulate=True)
 
 
 def ball_counts(mask: np.ndarray, voxel: Sequence[float], radius_mm: float) -> torch.Tensor:
@@ -362,14 +377,10 @@ def ball_counts(mask: np.ndarray, voxel: Sequence[float], radius_mm: float) -> t
     so thresholds at half-integers are exact (a float32 transform would not be for balls of 10⁴–10⁵ voxels).
     Returns a float64 tensor of the array's shape.
     """
-    ball = ball_offsets(voxel, radius_mm)
-    ext = [(n - 1) // 2 for n in ball.shape]
+    ext = [int(math.floor((radius_mm + 1e-6) / v)) for v in voxel]  # the ball's reach (ball_offsets)
     shape = tuple(fast_fft_size(n + 2 * e) for n, e in zip(mask.shape, ext))
-    kernel = torch.zeros(shape, dtype=torch.float64)
-    kernel[tuple(slice(0, n) for n in ball.shape)] = ball
-    kernel = torch.roll(kernel, shifts=[-e for e in ext], dims=(0, 1, 2))  # ball centred on index 0 (periodic)
     spectrum = torch.fft.rfftn(torch.from_numpy(mask).to(torch.float64), s=shape)
-    spectrum.mul_(torch.fft.rfftn(kernel))
+    spectrum.mul_(torch.fft.rfftn(periodic_ball(shape, voxel, radius_mm)))
     counts = torch.fft.irfftn(spectrum, s=shape)
     return counts[tuple(slice(0, n) for n in mask.shape)]
 

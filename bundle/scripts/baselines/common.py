@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box, scale_spectrum
+from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box, periodic_ball, scale_spectrum
 
 #: Default zero padding per side, as a fraction of each dimension (before rounding up to a fast FFT size).
 DEFAULT_PAD = 0.125
@@ -160,15 +160,10 @@ class Frame:
         return out
 
     def smv_symbol(self, radius_mm: float) -> torch.Tensor:
-        """Fourier symbol (real) of the spherical mean value filter of radius ``radius_mm``."""
-        axes = []
-        for n, d in zip(self.pshape, self.voxel):
-            i = torch.arange(n, device=self.device, dtype=torch.float64)
-            axes.append(torch.minimum(i, n - i) * d)  # distance (mm) from the origin, periodic
-        r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
-        ball = (r2 <= radius_mm * radius_mm).to(self.dtype)
-        ball = ball / ball.sum()
-        return self.fft(ball).real
+        """Fourier symbol (real) of the spherical mean value filter of radius ``radius_mm`` on the padded grid: the
+        mean over the voxel centres within the radius (:func:`scripts.physics.periodic_ball`)."""
+        ball = periodic_ball(self.pshape, self.voxel, radius_mm)
+        return self.fft((ball / ball.sum()).to(device=self.device, dtype=self.dtype)).real
 
 
 def as_volume(x, name: str, dtype: torch.dtype, device) -> torch.Tensor:
