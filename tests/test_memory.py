@@ -3,6 +3,7 @@
 import gc
 import platform
 import sys
+import weakref
 
 import pytest
 import torch
@@ -33,19 +34,34 @@ def test_glibc_accepts_the_settings_and_large_tensors_still_work(monkeypatch):
 
 
 def test_start_up_objects_are_frozen_once_and_later_objects_stay_collectable(monkeypatch):
+    class Node:
+        pass
+
+    def garbage_cycle():
+        node = Node()
+        node.me = node
+        return weakref.ref(node)  # the cycle is unreachable once this returns: only the collector frees it
+
     monkeypatch.setattr(memory, "_frozen", False)
+    was_enabled = gc.isenabled()
+    gc.disable()  # no automatic collection between the steps below
     gc.unfreeze()
     try:
         assert memory.freeze_startup_objects(False) == 0  # disabled: the collector is left alone
         with pytest.raises(ValueError, match="freeze_startup_objects"):
             memory.freeze_startup_objects("maybe")
+        early = garbage_cycle()
         before = memory.freeze_startup_objects()
         assert before > 1000  # the imports' objects (torch, pytest) now sit in the permanent generation
-        later = [[i] for i in range(5000)]  # made after the first call: a second call freezes nothing more
-        assert memory.freeze_startup_objects() == before
-        cycle = [later]
-        cycle.append(cycle)
-        del cycle, later
-        assert gc.collect() >= 1  # a cycle made after the freeze is still collected
+        late = garbage_cycle()
+        assert memory.freeze_startup_objects() == before  # a second call freezes nothing more
+        gc.collect()
+        assert late() is None  # made after the freeze: collected as before
+        assert early() is not None  # alive at the freeze: never walked again by the collector
+        gc.unfreeze()
+        gc.collect()
+        assert early() is None
     finally:
         gc.unfreeze()
+        if was_enabled:
+            gc.enable()

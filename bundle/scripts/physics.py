@@ -377,7 +377,7 @@ def ball_counts(mask: np.ndarray, voxel: Sequence[float], radius_mm: float) -> t
     so thresholds at half-integers are exact (a float32 transform would not be for balls of 10⁴–10⁵ voxels).
     Returns a float64 tensor of the array's shape.
     """
-    ext = [int(math.floor((radius_mm + 1e-6) / v)) for v in voxel]  # the ball's reach (ball_offsets)
+    ext = [(n - 1) // 2 for n in ball_offsets(voxel, radius_mm).shape]  # the ball's reach along each axis
     shape = tuple(fast_fft_size(n + 2 * e) for n, e in zip(mask.shape, ext))
     spectrum = torch.fft.rfftn(torch.from_numpy(mask).to(torch.float64), s=shape)
     spectrum.mul_(torch.fft.rfftn(periodic_ball(shape, voxel, radius_mm)))
