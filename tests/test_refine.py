@@ -112,8 +112,9 @@ def inference_config() -> dict:
 
 def dc_models(config: dict) -> dict:
     """DataConsistencyd's data-model settings as inference.json gives them (they have no defaults of their own)."""
-    keys = ("model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations")
-    keys += ("precond_weight",)
+    keys = (
+        "model", "margin_mm", "outside_weight", "smv_radius_mm", "inconsistency", "test_iterations", "precond_weight"
+    )
     return {**{k: config[f"dc_{k}"] for k in keys}, "cg_pad": config["dc_pad"]}
 
 

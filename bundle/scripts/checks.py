@@ -641,7 +641,7 @@ def checked_cases(
     the file it concerns; an output directory created for the check is removed again. Warnings (NaN/Inf left out of
     the mask with ``nonfinite: "mask"``) are logged.
 
-    ``weights_check`` (the config's :class:`~scripts.engines.GeneratorMatchesWeights`, called without an engine) is
+    ``weights_check`` (the config's :class:`~scripts.engines.GeneratorMatchesWeights`) is
     part of stage 1: weights that do not fit the generator (a missing file, other shapes, a sidecar with other
     settings) stop the run before the demo writes its input, as any other problem does.
     """

@@ -439,19 +439,19 @@ def check_generator_settings(module: nn.Module, path: str, record: Mapping | Non
 
 
 class GeneratorMatchesWeights:
-    """Check, when the engine starts and before the weights are loaded, that they fit the generator.
+    """Check, before anything is written or the weights are loaded, that they fit the generator: the file exists,
+    its shapes fit (one line naming the file, instead of MONAI's list of tensor size mismatches) and so do the
+    settings its sidecar records (:func:`check_generator_settings`).
 
-    Attach it before MONAI's ``CheckpointLoader``: shapes (one line naming the file, instead of a list of tensor
-    size mismatches) and the settings the weights' sidecar records (:func:`check_generator_settings`).
+    The configs' ``weights_check``, called by :func:`scripts.checks.checked_cases` and
+    :func:`scripts.evaluation.evaluation_datalist` with their other stage-1 checks, before ``CheckpointLoader``
+    loads the tensors at the engine's start.
     """
 
     def __init__(self, network: nn.Module, load_path: str) -> None:
         self.network, self.load_path = network, str(load_path)
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine | None = None) -> None:
+    def __call__(self) -> None:
         if not os.path.isfile(self.load_path):
             raise FileNotFoundError(f"weights {self.load_path!r} do not exist")
         check_generator_settings(self.network, self.load_path)
