@@ -3,12 +3,13 @@ well conditioned, regularised methods against TKD under noise, the registry and 
 
 import math
 
+import dipole_reference as ref
 import numpy as np
 import pytest
 import torch
 
 from scripts import baselines as B
-from scripts.baselines.common import BOX_PAD, Frame, box_padding, cg, dot, lsqr, norm
+from scripts.baselines.common import BOX_PAD, PRECOND_PAD, Frame, box_padding, cg, dot, lsqr, norm
 from scripts.metrics import nrmse
 from scripts.physics import dipole_kernel, forward_field, mask_box
 
@@ -324,6 +325,60 @@ def test_frame_solves_on_the_mask_box_and_puts_chi_back_in_place():
     assert frame.residual_ratio(chi.float()) < 0.1 and frame.residual_ratio(torch.zeros(shape)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"expected a volume of shape \(64, 48, 40\)"):
         frame.pad(torch.zeros(19, 21, 29))
+
+
+@pytest.mark.parametrize("smv_radius_mm", [None, 3.0])
+def test_fourier_preconditioner_runs_on_a_window_around_its_support_and_keeps_the_solution(smv_radius_mm):
+    """The preconditioner's FFTs run on its support's box padded by PRECOND_PAD per side (rounded up to fast sizes),
+    a window of the frame's padded grid: there it is S F⁻¹[F(x)/(K² + ν)] S with K = D, or D·(1 − s_r) for the
+    harmonic data term, both written out here in numpy (the independent reference's kernel, a ball of voxel
+    centres within r); it is zero outside S and symmetric on vectors in S (as CG requires); and CG with it
+    converges to the same χ as plain CG (the window changes how fast CG gets there, not where)."""
+    shape = (64, 48, 40)
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+    mask = ((x - 20) / 9) ** 2 + ((y - 30) / 10) ** 2 + ((z - 22) / 14) ** 2 <= 1
+    chi = smooth_phantom(shape, seed=2).double() * mask
+    field = forward_field(chi, VOXEL, mask=mask)
+    frame = Frame(field, mask, VOXEL, (0, 0, 1), 0.125, dtype=torch.float64)
+    assert frame.pshape == (36, 40, 50)
+    nu = 3e-3
+    precond = frame.fourier_preconditioner(frame.mf, nu, smv_radius_mm)
+    # the window by its definition: the support's box (19, 21, 29) padded by PRECOND_PAD, fast sizes, centred
+    support = frame.m.numpy()
+    window = []
+    for axis, total in enumerate(frame.pshape):
+        nonzero = np.nonzero(support.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        start, n = int(nonzero[0]), int(nonzero[-1] - nonzero[0] + 1)
+        size = ref.smooth_size(n + 2 * math.ceil(PRECOND_PAD * n))
+        assert size < total
+        window.append(slice(start - (size - n) // 2, start - (size - n) // 2 + size))
+    wshape = tuple(w.stop - w.start for w in window)
+    assert wshape == (25, 27, 40)
+    kernel = ref.kernel(wshape)
+    if smv_radius_mm is not None:
+        offsets = np.stack(np.meshgrid(*[np.arange(-3, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        offsets = offsets[(offsets**2).sum(1) <= smv_radius_mm**2 + 1e-9]
+        ball = np.zeros(wshape)
+        np.add.at(ball, tuple((offsets % np.array(wshape)).T), 1.0)
+        kernel = kernel * (1.0 - np.fft.fftn(ball / ball.sum()).real)
+    rng = np.random.default_rng(0)
+    u, v = (torch.from_numpy(rng.standard_normal(frame.pshape)) * frame.mf for _ in range(2))
+    expected = np.zeros(frame.pshape)
+    inner = np.fft.ifftn(np.fft.fftn(v.numpy()[tuple(window)]) / (kernel**2 + nu)).real * support[tuple(window)]
+    expected[tuple(window)] = inner
+    pv = precond(v).clone()
+    np.testing.assert_allclose(pv.numpy(), expected, atol=1e-9 * np.abs(expected).max())
+    assert torch.all(pv[~frame.m] == 0)
+    assert dot(u, pv) == pytest.approx(dot(precond(u), v), rel=1e-9)
+    if smv_radius_mm is None:  # the fixed point: preconditioned and plain CG solve the same masked problem
+        solve = B.masked_tikhonov
+        args = (field, mask, VOXEL, (0, 0, 1), 1e-3)
+        with_window = solve(*args, 400, tol=1e-9, dtype=torch.float64, precond_weight=nu)
+        plain = solve(*args, 2000, tol=1e-9, dtype=torch.float64)
+        np.testing.assert_allclose(with_window.numpy(), plain.numpy(), atol=1e-6 * float(plain.abs().max()))
+    with pytest.raises(ValueError, match="non-empty"):
+        frame.fourier_preconditioner(torch.zeros(frame.pshape, dtype=torch.float64), nu)
 
 
 def test_reductions_are_accurate_in_float32():

@@ -246,7 +246,7 @@ def margin_tikhonov(
     rhs = frame.dipole(frame.b).mul_(shell_support).add_(reg * x0)  # in S, as normal's output and the preconditioner's
     if start is not None:
         x0 = frame.pad(start.float()) * m
-    precond = None if precond_weight is None else frame.fourier_preconditioner(shell_support, frame.D, precond_weight)
+    precond = None if precond_weight is None else frame.fourier_preconditioner(shell_support, precond_weight)
     x = cg(normal, rhs, x0, float(tol), int(iterations), precond)
     ratio = _norm_ratio(residual_field(x).sub_(frame.b), frame.b)
     return frame.result(x), ratio
@@ -308,7 +308,7 @@ def harmonic_tikhonov(
     x0 = frame.pad(prior.float()) * m
     data = frame.ifft(scale_spectrum(frame.fft(frame.b), high_pass)).mul_(trusted)
     rhs = filtered(data).mul_(m).add_(x0, alpha=float(weight))  # in the mask, as normal's output
-    precond = None if precond_weight is None else frame.fourier_preconditioner(m, kernel, precond_weight)
+    precond = None if precond_weight is None else frame.fourier_preconditioner(m, precond_weight, radius_mm)
     return frame.result(cg(normal, rhs, x0, float(tol), int(iterations), precond))
 
 

@@ -19,6 +19,9 @@ from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box, p
 DEFAULT_PAD = 0.125
 #: With ``crop_to_mask``: padding per side as a fraction of the mask's box, where that grid is the smaller one.
 BOX_PAD = 0.375
+#: Zero padding per side of a Fourier preconditioner's own grid, as a fraction of its support's box
+#: (:meth:`Frame.fourier_preconditioner`).
+PRECOND_PAD = 0.125
 
 
 class Frame:
@@ -118,32 +121,62 @@ class Frame:
         return self.op.convolve(x)
 
     def fourier_preconditioner(
-        self, support: torch.Tensor, kernel: torch.Tensor, weight: float
+        self, support: torch.Tensor, weight: float, smv_radius_mm: float | None = None
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """x ↦ S F⁻¹[F(x) / (K² + ν)] S for x supported in S: the inverse of the unmasked normal operator K² + ν,
-        restricted to ``support``.
+        restricted to ``support``, with K = D (``smv_radius_mm`` None) or D·(1 − s_r) (the harmonic data term's
+        kernel, s_r the spherical mean of :meth:`smv_symbol`).
 
         For a masked Tikhonov problem (S Kᵀ W K S + μS) χ = … this is exact where the mask covers the whole grid
         (ν = μ) and a good approximation inside large masks: conjugate gradients with it needs a fraction of the
         iterations. A ν somewhat larger than μ (measured: 10 μ) keeps the cone's poorly determined components from
         dominating the first steps. SPD on the support, as CG requires.
 
+        Its FFTs run on a grid of their own, smaller than the frame's: the support's bounding box zero-padded by
+        :data:`PRECOND_PAD` per side (rounded up to fast FFT sizes; the frame's whole extent along an axis where
+        that is not smaller), a window of the padded grid. Any SPD preconditioner leaves the solution CG converges
+        to unchanged (the problem is the frame's, on its own padded grid); the window's nearer periodic images only
+        make the approximate inverse a little less exact, while a third of the FFT pairs of every iteration run on
+        fewer voxels (a 1 mm brain: 180×225×200 against 216×250×225; its 30-iteration support fit took 12.2 s
+        against 14.6 s, the same χ to 0.01 % NRMSE, ``docs/inputs.md``).
+
         The vectors it is applied to must already lie in S (zero outside it), so that the input mask S of
         S F⁻¹(…)F S is a no-op and is skipped (one pass over the grid less per CG iteration): CG applies it to
         residuals rhs − A x, which lie in S where the right-hand side and the normal operator's output do, as in
-        every problem restricted to a support here.
+        every problem restricted to a support here. On a window smaller than the grid, the result is written into
+        one padded buffer, zero outside the window, that the next call overwrites (:func:`cg` is done with it by
+        then): no grid-sized allocation and zero fill per iteration.
 
         Arguments:
-            support: padded (PX, PY, PZ) 0/1 float mask S.
-            kernel: the data term's Fourier multiplier K on the rfft half spectrum (e.g. ``self.D``).
+            support: padded (PX, PY, PZ) 0/1 float mask S (not empty).
             weight: ν > 0.
+            smv_radius_mm: radius (mm) of the harmonic data term's spherical mean, or ``None`` for K = D.
         """
         if not weight > 0:
             raise ValueError(f"preconditioner weight must be > 0, got {weight}")
+        if tuple(support.shape) != self.pshape or not bool((support > 0).any()):
+            raise ValueError(f"support must be a non-empty {self.pshape} mask, got shape {tuple(support.shape)}")
+        window = []
+        for extent, total in zip(mask_box(support > 0), self.pshape):
+            n = extent.stop - extent.start
+            size = fast_fft_size(n + 2 * math.ceil(PRECOND_PAD * n))
+            start = min(max(extent.start - (size - n) // 2, 0), total - size) if size < total else 0
+            window.append(slice(start, start + min(size, total)))
+        window = tuple(window)
+        shape = tuple(w.stop - w.start for w in window)
+        op = DipoleOperator(shape, self.voxel, self.op.b0_direction, pad=0, device=self.device, dtype=self.dtype)
+        kernel = op.kernel
+        if smv_radius_mm is not None:
+            kernel = kernel * (1.0 - smv_symbol(shape, self.voxel, smv_radius_mm, self.device, self.dtype))
         symbol = kernel.square().add_(float(weight)).reciprocal_()
+        inside = support[window].contiguous()
+        if shape == self.pshape:
+            return lambda x: op.ifft(scale_spectrum(op.fft(x), symbol)).mul_(inside)  # x = S x (see above)
+        out = torch.zeros(self.pshape, dtype=self.dtype, device=self.device)  # zero outside the window, always
 
         def apply(x: torch.Tensor) -> torch.Tensor:  # x = S x (see above)
-            return self.ifft(scale_spectrum(self.fft(x), symbol)).mul_(support)
+            out[window] = op.ifft(scale_spectrum(op.fft(x[window]), symbol)).mul_(inside)
+            return out
 
         return apply
 
@@ -160,10 +193,19 @@ class Frame:
         return out
 
     def smv_symbol(self, radius_mm: float) -> torch.Tensor:
-        """Fourier symbol (real) of the spherical mean value filter of radius ``radius_mm`` on the padded grid: the
-        mean over the voxel centres within the radius (:func:`scripts.physics.periodic_ball`)."""
-        ball = periodic_ball(self.pshape, self.voxel, radius_mm)
-        return self.fft((ball / ball.sum()).to(device=self.device, dtype=self.dtype)).real
+        """Fourier symbol (real) of the spherical mean value filter of radius ``radius_mm`` on the padded grid
+        (:func:`smv_symbol`)."""
+        return smv_symbol(self.pshape, self.voxel, radius_mm, self.device, self.dtype)
+
+
+def smv_symbol(
+    shape: Sequence[int], voxel: Sequence[float], radius_mm: float, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fourier symbol (real, on the rfft half spectrum of a periodic grid of ``shape``) of the spherical mean value
+    filter of radius ``radius_mm``: the mean over the voxel centres within the radius (voxel size in mm,
+    :func:`scripts.physics.periodic_ball`)."""
+    ball = periodic_ball(shape, voxel, radius_mm)
+    return torch.fft.rfftn((ball / ball.sum()).to(device=device, dtype=dtype)).real
 
 
 def as_volume(x, name: str, dtype: torch.dtype, device) -> torch.Tensor:
@@ -324,9 +366,10 @@ def cg(
 ) -> torch.Tensor:
     """(Preconditioned) conjugate gradients for the SPD system apply(x) = rhs from x0; stops at ‖r‖ ≤ tol·‖rhs‖.
 
-    ``precond`` applies an SPD approximation of apply⁻¹ (e.g. :meth:`Frame.fourier_preconditioner`); ``None`` is
-    plain CG. With a preconditioner every iteration costs one more ``precond`` call and, where it approximates the
-    inverse well, far fewer iterations reach the same solution.
+    ``precond`` applies an SPD approximation of apply⁻¹ (e.g. :meth:`Frame.fourier_preconditioner`; its result is
+    used only until its next call, so it may return a buffer it reuses); ``None`` is plain CG. With a
+    preconditioner every iteration costs one more ``precond`` call and, where it approximates the inverse well, far
+    fewer iterations reach the same solution.
     """
     x = x0.clone()
     r = rhs - apply(x)
@@ -341,9 +384,9 @@ def cg(
         step = rz / dot(p, q)
         x.add_(p, alpha=step)
         r.sub_(q, alpha=step)
-        z = r if precond is None else precond(r)
+        z = r if precond is None else precond(r)  # used only until p is updated: precond may reuse its buffer
         rz_new = dot(r, z)
-        p = z.add(p, alpha=rz_new / rz)
+        p.mul_(rz_new / rz).add_(z)
         rz = rz_new
     return x
 

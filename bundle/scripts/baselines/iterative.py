@@ -111,7 +111,7 @@ def masked_tikhonov(
             raise ValueError(f"prior shape {tuple(p.shape)} differs from the field's {frame.full_shape}")
         x0 = frame.pad(p) * m
     rhs = frame.dipole(frame.b).mul_(m).add_(x0, alpha=lam)  # in the mask, as normal's output and the preconditioner's
-    precond = None if precond_weight is None else frame.fourier_preconditioner(m, frame.D, precond_weight)
+    precond = None if precond_weight is None else frame.fourier_preconditioner(m, precond_weight)
     return frame.result(cg(normal, rhs, x0, float(tol), int(iterations), precond))
 
 
