@@ -126,7 +126,7 @@ def test_the_refinement_has_no_defaults_of_its_own():
     from conftest import BUNDLE
 
     config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    assert (config["dc_weight"], config["dc_solver"], config["dc_iterations"]) == (3e-4, "cg", 30)
+    assert (config["dc_weight"], config["dc_solver"], config["dc_iterations"]) == (3e-4, "cg", 31)
     assert config["dc_precond_weight"] == 3e-3
     assert config["dc_crop_to_mask"] is True
     assert config["dc_pad"] == 0.125
