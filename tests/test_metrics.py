@@ -249,6 +249,25 @@ def test_bad_inputs_raise():
         M.higher_is_better("dice")
 
 
+def test_case_metrics_equal_the_single_metrics():
+    """case_metrics prepares the arrays once and gives exactly what each metric's own function gives (a map with
+    NaNs and values outside the mask, torch and numpy inputs); an unknown name is refused with the known ones."""
+    rng = np.random.default_rng(5)
+    truth = _smooth((20, 22, 18), seed=1)
+    pred = truth + 0.3 * _smooth((20, 22, 18), seed=2) + 0.05 * rng.standard_normal(truth.shape)
+    pred[0, 0, 0] = np.nan
+    mask = np.zeros(truth.shape, bool)
+    mask[3:17, 4:19, 2:16] = True
+    names = tuple(M.CASE_METRICS)
+    values = M.case_metrics(torch.from_numpy(pred), truth, mask, names)
+    assert list(values) == list(names)
+    for name in names:
+        assert values[name] == M.CASE_METRICS[name](pred, truth, mask), name
+    assert M.case_metrics(pred, truth, mask) == {k: values[k] for k in ("nrmse", "xsim", "hfen")}
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['nrsme'\].*'nrmse'"):
+        M.case_metrics(pred, truth, mask, ("nrmse", "nrsme"))
+
+
 def test_higher_is_better():
     assert not M.higher_is_better("nrmse") and not M.higher_is_better("hfen")
     assert not M.higher_is_better("lesion_total_chi_error") and not M.higher_is_better("dgm_linearity")

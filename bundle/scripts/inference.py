@@ -33,7 +33,7 @@ from monai.utils import BlendMode
 
 from .baselines import tkd
 from .checks import as_bool, case_info, output_stem
-from .metrics import hfen, nrmse, xsim
+from .metrics import case_metrics
 from .networks import fold_batchnorm
 from .physics import b0_direction_from_affine, voxel_size_from_affine
 
@@ -333,11 +333,8 @@ class CaseReport:
         methods["tkd"] = chi_tkd
 
         def score(chi: torch.Tensor) -> dict[str, float]:
-            return {
-                "nrmse_percent": nrmse(chi, truth, mask),
-                "xsim": xsim(chi, truth, mask),
-                "hfen_percent": hfen(chi, truth, mask),
-            }
+            values = case_metrics(chi, truth, mask, ("nrmse", "xsim", "hfen"))
+            return {"nrmse_percent": values["nrmse"], "xsim": values["xsim"], "hfen_percent": values["hfen"]}
 
         # scipy's filters release the GIL: the maps are scored side by side on the threads torch may use
         with ThreadPoolExecutor(max(1, min(len(methods), torch.get_num_threads()))) as pool:

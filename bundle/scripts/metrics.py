@@ -86,6 +86,7 @@ __all__ = [
     "lesion_total_susceptibility",
     "tile_seam_ratio",
     "compute_all",
+    "case_metrics",
     "higher_is_better",
     "QSMMetric",
     "CASE_METRICS",
@@ -668,6 +669,30 @@ def compute_all(
             out["microbleed_total_chi_error"] = 100.0 * float(np.mean(np.abs(signed))) if signed else math.nan
             out["microbleed_total_chi_bias"] = 100.0 * float(np.mean(signed)) if signed else math.nan
     return {k: float(v) for k, v in out.items()}
+
+
+#: The per-case metrics of :data:`CASE_METRICS` on prepared arrays (:func:`_prepare`'s r, t, m).
+_PREPARED: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], float]] = {
+    "nrmse": lambda r, t, m: _nrmse_pair(r, t, m)[0],
+    "nrmse_2016": _nrmse_2016,
+    "nrmse_detrended": lambda r, t, m: _nrmse_pair(r, t, m)[1],
+    "hfen": _hfen,
+    "xsim": _xsim,
+    "ssim": _ssim_standard,
+    "psnr": _psnr,
+    "pearson": _pearson,
+}
+
+
+def case_metrics(pred, truth, mask, names: Sequence[str] = ("nrmse", "xsim", "hfen")) -> dict[str, float]:
+    """Several per-case metrics of one map (keys of :data:`CASE_METRICS`, e.g. NRMSE %, XSIM and HFEN %, the
+    demo's report) from one preparation of the arrays: the same values as the functions of those names, without
+    converting, masking and checking the volumes once per metric."""
+    unknown = [n for n in names if n not in _PREPARED]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; expected names from {sorted(_PREPARED)}")
+    r, t, m = _prepare(pred, truth, mask)
+    return {n: float(_PREPARED[n](r, t, m)) for n in names}
 
 
 #: Per-case metrics of (pred, truth, mask), usable by :class:`QSMMetric`.
