@@ -33,6 +33,7 @@ __all__ = [
     "mask_box",
     "ball_offsets",
     "periodic_ball",
+    "smv_symbol",
     "ball_counts",
     "b0_direction_from_affine",
     "voxel_size_from_affine",
@@ -358,7 +359,7 @@ def periodic_ball(shape: Sequence[int], voxel: Sequence[float], radius_mm: float
     """The ball of :func:`ball_offsets` on a periodic grid of ``shape``, centred on index 0: the kernel of a circular
     convolution with it (float64 0/1; on a grid narrower than the ball the offsets wrap around and add up).
 
-    The one ball behind the SMV filter (:meth:`scripts.baselines.common.Frame.smv_symbol`) and the mask morphology
+    The one ball behind the SMV filter (:func:`smv_symbol`) and the mask morphology
     (:func:`ball_counts`).
     """
     ball = ball_offsets(voxel, radius_mm)
@@ -366,6 +367,16 @@ def periodic_ball(shape: Sequence[int], voxel: Sequence[float], radius_mm: float
     where = (torch.nonzero(ball) - ext) % torch.tensor([int(n) for n in shape])
     out = torch.zeros(tuple(int(n) for n in shape), dtype=torch.float64)
     return out.index_put_(tuple(where.T), torch.ones(len(where), dtype=torch.float64), accumulate=True)
+
+
+def smv_symbol(
+    shape: Sequence[int], voxel: Sequence[float], radius_mm: float, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fourier symbol (real, on the rfft half spectrum of a periodic grid of ``shape``) of the spherical mean value
+    filter of radius ``radius_mm``: the mean over the voxel centres within the radius (voxel size in mm,
+    :func:`periodic_ball`)."""
+    ball = periodic_ball(shape, voxel, radius_mm)
+    return torch.fft.rfftn((ball / ball.sum()).to(device=device, dtype=dtype)).real
 
 
 def ball_counts(mask: np.ndarray, voxel: Sequence[float], radius_mm: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box, periodic_ball, scale_spectrum
+from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box, scale_spectrum, smv_symbol
 
 #: Default zero padding per side, as a fraction of each dimension (before rounding up to a fast FFT size).
 DEFAULT_PAD = 0.125
@@ -194,18 +194,8 @@ class Frame:
 
     def smv_symbol(self, radius_mm: float) -> torch.Tensor:
         """Fourier symbol (real) of the spherical mean value filter of radius ``radius_mm`` on the padded grid
-        (:func:`smv_symbol`)."""
+        (:func:`scripts.physics.smv_symbol`)."""
         return smv_symbol(self.pshape, self.voxel, radius_mm, self.device, self.dtype)
-
-
-def smv_symbol(
-    shape: Sequence[int], voxel: Sequence[float], radius_mm: float, device=None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Fourier symbol (real, on the rfft half spectrum of a periodic grid of ``shape``) of the spherical mean value
-    filter of radius ``radius_mm``: the mean over the voxel centres within the radius (voxel size in mm,
-    :func:`scripts.physics.periodic_ball`)."""
-    ball = periodic_ball(shape, voxel, radius_mm)
-    return torch.fft.rfftn((ball / ball.sum()).to(device=device, dtype=dtype)).real
 
 
 def as_volume(x, name: str, dtype: torch.dtype, device) -> torch.Tensor:
