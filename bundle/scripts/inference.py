@@ -33,7 +33,7 @@ from monai.utils import BlendMode
 
 from .baselines import tkd
 from .checks import as_bool, case_info, output_stem
-from .metrics import case_metrics
+from .metrics import metric_of, prepare_case
 from .networks import fold_batchnorm
 from .physics import b0_direction_from_affine, voxel_size_from_affine
 
@@ -332,13 +332,14 @@ class CaseReport:
         methods = {m: chi.detach().cpu().float()[0] for m, chi in network_results(item).items()}
         methods["tkd"] = chi_tkd
 
-        def score(chi: torch.Tensor) -> dict[str, float]:
-            values = case_metrics(chi, truth, mask, ("nrmse", "xsim", "hfen"))
-            return {"nrmse_percent": values["nrmse"], "xsim": values["xsim"], "hfen_percent": values["hfen"]}
-
-        # scipy's filters release the GIL: the maps are scored side by side on the threads torch may use
+        # scipy's filters release the GIL: the maps are prepared, then their metrics computed, side by side on the
+        # threads torch may use, one task per (map, metric), the slow filters (HFEN's LoG, XSIM's windows) first
+        names = {"hfen": "hfen_percent", "xsim": "xsim", "nrmse": "nrmse_percent"}
         with ThreadPoolExecutor(max(1, min(len(methods), torch.get_num_threads()))) as pool:
-            record.update(zip(methods, pool.map(score, methods.values())))
+            cases = dict(zip(methods, pool.map(lambda chi: prepare_case(chi, truth, mask), methods.values())))
+            tasks = {(m, n): pool.submit(metric_of, cases[m], n) for n in names for m in methods}
+            for m in methods:
+                record[m] = {names[n]: tasks[(m, n)].result() for n in ("nrmse", "xsim", "hfen")}
         self.records.append(record)
         parts = [
             f"{'TKD' if m == 'tkd' else m} NRMSE {r['nrmse_percent']:.1f} %, XSIM {r['xsim']:.3f}, "

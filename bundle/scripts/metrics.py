@@ -58,6 +58,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,9 @@ __all__ = [
     "tile_seam_ratio",
     "compute_all",
     "case_metrics",
+    "prepare_case",
+    "metric_of",
+    "PreparedCase",
     "higher_is_better",
     "QSMMetric",
     "CASE_METRICS",
@@ -684,15 +688,39 @@ _PREPARED: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], float]] = {
 }
 
 
+@dataclass(frozen=True)
+class PreparedCase:
+    """A map, its truth and its mask as every metric reads them (:func:`prepare_case`): float64 prediction ``r``
+    and truth ``t``, both 0 outside the boolean mask ``m`` (non-finite values of ``r`` → 0)."""
+
+    r: np.ndarray
+    t: np.ndarray
+    m: np.ndarray
+
+
+def prepare_case(pred, truth, mask) -> PreparedCase:
+    """Convert, check and mask one map with its truth once, for several :func:`metric_of` calls (volumes (X, Y, Z),
+    leading singleton dimensions allowed; the errors of the single metrics on bad input)."""
+    return PreparedCase(*_prepare(pred, truth, mask))
+
+
+def metric_of(case: PreparedCase, name: str) -> float:
+    """One per-case metric (a key of :data:`CASE_METRICS`) of a :func:`prepare_case` result: the same value as the
+    function of that name on the unprepared volumes."""
+    if name not in _PREPARED:
+        raise ValueError(f"unknown metric {name!r}; expected one of {sorted(_PREPARED)}")
+    return float(_PREPARED[name](case.r, case.t, case.m))
+
+
 def case_metrics(pred, truth, mask, names: Sequence[str] = ("nrmse", "xsim", "hfen")) -> dict[str, float]:
-    """Several per-case metrics of one map (keys of :data:`CASE_METRICS`, e.g. NRMSE %, XSIM and HFEN %, the
-    demo's report) from one preparation of the arrays: the same values as the functions of those names, without
-    converting, masking and checking the volumes once per metric."""
+    """Several per-case metrics of one map (keys of :data:`CASE_METRICS`, e.g. NRMSE %, XSIM and HFEN %) from one
+    preparation of the arrays: the same values as the functions of those names, without converting, masking and
+    checking the volumes once per metric."""
     unknown = [n for n in names if n not in _PREPARED]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; expected names from {sorted(_PREPARED)}")
-    r, t, m = _prepare(pred, truth, mask)
-    return {n: float(_PREPARED[n](r, t, m)) for n in names}
+    case = prepare_case(pred, truth, mask)
+    return {n: metric_of(case, n) for n in names}
 
 
 #: Per-case metrics of (pred, truth, mask), usable by :class:`QSMMetric`.
