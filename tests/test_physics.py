@@ -14,6 +14,7 @@ from scripts.physics import (
     dipole_kernel,
     fast_fft_size,
     forward_field,
+    mask_box,
     masked_mean,
     scale_spectrum,
 )
@@ -279,3 +280,25 @@ def test_ball_counts_match_a_brute_force_count():
     assert counts.shape == mask.shape
     np.testing.assert_allclose(counts, expected, atol=1e-6)
     assert np.array_equal(np.rint(counts), expected) and expected.max() > 5
+
+
+@pytest.mark.parametrize("margin", [0, 3])
+def test_mask_box_is_monais_bounding_box(margin):
+    """mask_box gives the box of MONAI's generate_spatial_bounding_box (allow_smaller: grown by the margin and
+    clipped to the volume) for torch and numpy masks, float and boolean, a mask touching the volume's faces, negative
+    and NaN values and an empty mask; it only takes the maximum along each axis instead."""
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    rng = np.random.default_rng(margin)
+    masks = [rng.random((13, 17, 11)) > 0.97, np.zeros((13, 17, 11), bool), np.zeros((9, 8, 7))]
+    masks[1][4:9, 0:3, 5] = True  # touching a face: the margin is clipped there
+    masks[2][8, 2, 6] = 0.5  # a float mask, one voxel > 0 in a corner
+    masks.append(np.zeros((6, 6, 6), bool))  # empty
+    masks.append(np.where(masks[0], 1.0, -2.0))  # negative values are outside
+    masks.append(masks[-1].copy())
+    masks[-1][0, 0, 0] = np.nan  # NaN is not > 0 (but it is a maximum)
+    for mask in masks:
+        start, end = generate_spatial_bounding_box(mask[None], margin=margin, allow_smaller=True)
+        expected = tuple(slice(int(a), int(b)) for a, b in zip(start, end))
+        assert mask_box(mask, margin) == expected
+        assert mask_box(torch.from_numpy(mask), margin) == expected

