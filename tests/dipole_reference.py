@@ -12,36 +12,55 @@ import numpy as np
 
 
 def kernel(shape, voxel=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0)):
-    """Full-spectrum unit dipole kernel (float64, unshifted), D(0) = 0."""
+    """Full-spectrum unit dipole kernel (float64, unshifted), D(0) = 0; on an even axis the Nyquist sample is both
+    +k_N and −k_N, and D there is the mean of D over both signs (over all sign choices where several axes are at
+    their Nyquist sample), which makes the sampled kernel even on the grid."""
     b = np.asarray(b0, dtype=np.float64)
     b = b / np.linalg.norm(b)
-    k = np.meshgrid(*[np.fft.fftfreq(n, d=d) for n, d in zip(shape, voxel)], indexing="ij")
-    k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
-    kb = k[0] * b[0] + k[1] * b[1] + k[2] * b[2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = 1.0 / 3.0 - kb**2 / k2
+    freqs = [np.fft.fftfreq(n, d=d) for n, d in zip(shape, voxel)]
+    total = np.zeros(tuple(shape))
+    flips = [(1.0, -1.0) if n % 2 == 0 else (1.0,) for n in shape]
+    count = 0
+    for signs in np.ndindex(*[len(f) for f in flips]):  # flip the sign of each Nyquist sample, or not
+        axes = []
+        for f, n, flip, j in zip(freqs, shape, flips, signs):
+            f = f.copy()
+            if n % 2 == 0:
+                f[n // 2] *= flip[j]
+            axes.append(f)
+        k = np.meshgrid(*axes, indexing="ij")
+        k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
+        kb = k[0] * b[0] + k[1] * b[1] + k[2] * b[2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total += 1.0 / 3.0 - kb**2 / k2
+        count += 1
+    d = total / count
     d[0, 0, 0] = 0.0
     return d
 
 
-def smooth_size(n):
-    """Smallest m >= n with no prime factor other than 2, 3, 5 (written independently of physics.fast_fft_size)."""
-    m = n
-    while True:
-        r = m
-        for p in (2, 3, 5):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 1
+def smooth_size(n, even=False):
+    """Smallest m >= n with no prime factor other than 2, 3, 5, even if ``even`` (written independently of
+    physics.fast_fft_size)."""
+    return next(m for m in range(n, 4 * n + 8) if _largest_prime_factor(m) <= 5 and (m % 2 == 0 or not even))
+
+
+def _largest_prime_factor(m):
+    largest, p = 1, 2
+    while m > 1:
+        if m % p == 0:
+            largest, m = p, m // p
+        else:
+            p += 1
+    return largest
 
 
 def padded_shape(shape, pad):
-    """The padded grid of a fractional per-side padding ``pad``, rounded up to fast FFT sizes (pad 0: unchanged)."""
+    """The padded grid of a fractional per-side padding ``pad``, rounded up to fast FFT sizes, the last axis (the
+    one a real FFT halves) even (pad 0: unchanged)."""
     if pad == 0:
         return tuple(shape)
-    return tuple(smooth_size(n + 2 * math.ceil(n * pad)) for n in shape)
+    return tuple(smooth_size(n + 2 * math.ceil(n * pad), even=i == len(shape) - 1) for i, n in enumerate(shape))
 
 
 def forward(chi, voxel=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0), grid=None):

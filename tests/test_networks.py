@@ -9,6 +9,7 @@ from scripts.networks import (
     QSMGenerator,
     bf16_supported,
     count_parameters,
+    cropped_unet_forward,
     expand_input_channels,
     fold_batchnorm,
     qsmgan_unet,
@@ -216,3 +217,60 @@ def test_folded_batchnorm_is_the_same_network(channels_last):
     if channels_last:
         convs = [m for m in folded.modules() if isinstance(m, nn.Conv3d)]
         assert all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
+
+
+def _unet_with_statistics(norm: str = "batch") -> nn.Module:
+    torch.manual_seed(1)
+    unet = qsmgan_unet(features=(4, 6, 8, 8, 8, 4), norm=norm)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return unet.eval()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cropped_decoder_gives_the_crop_of_the_whole_forward(channels_last):
+    """cropped_unet_forward: the finest decoder levels run on the part the crop keeps (valid convolutions on the
+    needed input), the rest as BasicUNet runs it; the output is the whole forward's central crop, computed in
+    float64 so that only the order of the sums could differ. In a 32³ window with margin 8 two levels are cropped:
+    upcat_1 to [8, 24), upcat_2 to [3, 13) of its 16³ grid (the 2× up-sampling of [1, 15) feeds [6, 26))."""
+    from scripts.networks import _decoder_plan
+
+    unet = _unet_with_statistics().double()
+    x = torch.randn(2, 1, 32, 32, 48, dtype=torch.float64)
+    if channels_last:
+        unet, x = unet.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+    assert _decoder_plan(unet, (32, 32, 48), 8) == [[(8, 24), (8, 24), (8, 40)], [(3, 13), (3, 13), (3, 21)]]
+    with torch.no_grad():
+        want = unet(x)[..., 8:-8, 8:-8, 8:-8]
+        got = cropped_unet_forward(unet, x, 8)
+    assert got.shape == (2, 1, 16, 16, 32)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12 * float(want.abs().max())), float((got - want).abs().max())
+
+
+def test_cropped_decoder_falls_back_where_it_cannot_crop():
+    """No level is cropped without a margin, too close to the border (margin 1: a level's convolutions would read
+    the zero padding), in training mode (BatchNorm's batch statistics see every voxel) or with instance norms (their
+    statistics too); the function then returns the whole forward's crop. The generator uses the cropped decoder in
+    eval mode and gives the backbone's crop."""
+    from scripts.networks import _decoder_plan
+
+    unet = _unet_with_statistics()
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert _decoder_plan(unet, (32, 32, 32), 0) is None and _decoder_plan(unet, (32, 32, 32), 1) is None
+    assert len(_decoder_plan(unet, (64, 64, 64), 8)) == 2
+    assert _decoder_plan(_unet_with_statistics("instance"), (64, 64, 64), 8) is None
+    with torch.no_grad():
+        assert torch.equal(cropped_unet_forward(unet, x, 1), unet(x)[..., 1:-1, 1:-1, 1:-1])
+    unet.train()
+    assert _decoder_plan(unet, (64, 64, 64), 8) is None
+    torch.manual_seed(2)
+    got = cropped_unet_forward(unet, x, 8)
+    torch.manual_seed(2)
+    assert torch.equal(got, unet(x)[..., 8:-8, 8:-8, 8:-8])
+    net = QSMGenerator(_unet_with_statistics(), margin=8, field_scale=2.0, chi_scale=4.0).eval()
+    with torch.no_grad():
+        out, whole = net(x), net.backbone(x * 2.0)[..., 8:-8, 8:-8, 8:-8] / 4.0
+    assert torch.allclose(out, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max()))

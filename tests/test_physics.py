@@ -2,6 +2,7 @@
 
 import math
 
+import dipole_reference
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from scripts.physics import (
     convert_field,
     demean_in_mask,
     dipole_kernel,
+    fast_fft_shape,
     fast_fft_size,
     forward_field,
     mask_box,
@@ -93,6 +95,38 @@ def test_kernel_and_field_are_flip_symmetric(axis):
     assert torch.allclose(d_oblique.index_select(axis, index), dipole_kernel(shape, (1.0, 0.9, 1.3), b_flipped))
 
 
+def test_kernel_is_even_on_even_grids_with_an_oblique_b0():
+    """On even axes the Nyquist sample is ±k_N at once: D there is the mean over both signs, so D(−k mod N) = D(k)
+    on the grid (with the sign of one axis' Nyquist sample flipped, D at (k_N, k_y, k_z) and (−k_N, k_y, k_z)
+    differ by the cross term 4 k_N b_x (k_y b_y + k_z b_z)/|k|²), the half spectrum is the full one's slice, the
+    real-FFT convolution equals the complex FFT's real part and is self-adjoint; off the Nyquist planes, and
+    everywhere with B0 along an axis, D is the plain formula."""
+    shape, voxel, b = (8, 6, 10), (1.0, 0.9, 1.3), (0.3, -0.2, 0.93)
+    d = dipole_kernel(shape, voxel, b, dtype=torch.float64)
+    flipped = d[(-torch.arange(8)) % 8][:, (-torch.arange(6)) % 6][:, :, (-torch.arange(10)) % 10]
+    assert torch.equal(flipped, d)
+    torch.testing.assert_close(d, torch.from_numpy(dipole_reference.kernel(shape, voxel, b)))
+    bn = torch.tensor(b, dtype=torch.float64) / torch.linalg.vector_norm(torch.tensor(b, dtype=torch.float64))
+    k = torch.meshgrid(*[torch.fft.fftfreq(n, d=v, dtype=torch.float64) for n, v in zip(shape, voxel)], indexing="ij")
+    k2 = (k[0] ** 2 + k[1] ** 2 + k[2] ** 2).clamp(min=1e-30)
+    plain = 1 / 3 - (k[0] * bn[0] + k[1] * bn[1] + k[2] * bn[2]) ** 2 / k2
+    off = torch.ones(shape, dtype=torch.bool)
+    off[4], off[:, 3], off[:, :, 5] = False, False, False
+    off[0, 0, 0] = False
+    torch.testing.assert_close(d[off], plain[off])
+    assert (d[~off][1:] - plain[~off][1:]).abs().max() > 1e-3  # the Nyquist planes did change
+    half = dipole_kernel(shape, voxel, b, rfft=True, dtype=torch.float64)
+    assert torch.equal(half, d[..., :6])
+    aligned = dipole_kernel(shape, voxel, (0, 0, 1), dtype=torch.float64)
+    plain_aligned = 1 / 3 - k[2] ** 2 / k2
+    plain_aligned[0, 0, 0] = 0
+    torch.testing.assert_close(aligned, plain_aligned, rtol=0, atol=1e-15)
+    x, y = torch.randn(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    op = DipoleOperator(shape, voxel, b, pad=0, dtype=torch.float64)
+    torch.testing.assert_close(op.convolve(x), torch.fft.ifftn(d * torch.fft.fftn(x)).real)
+    torch.testing.assert_close((op.convolve(x) * y).sum(), (x * op.convolve(y)).sum())
+
+
 def test_padding_prevents_wrap_around():
     chi = torch.zeros(48, 48, 48)
     chi[20:28, 20:28, 0:6] = 1.0  # a source against the bottom face
@@ -159,14 +193,14 @@ def test_operator_pads_to_fast_fft_sizes():
     assert DipoleOperator((7, 11, 13), (1, 1, 1), (0, 0, 1), pad=0).pshape == (7, 11, 13)  # pad 0: as given
     assert DipoleOperator((10, 10, 10), (1, 1, 1), (0, 0, 1), pad=(3, 0, 1)).pshape == (16, 10, 12)
     assert [fast_fft_size(n) for n in (1, 7, 11, 13, 97, 121, 181, 200)] == [1, 8, 12, 15, 100, 125, 192, 200]
+    assert [fast_fft_size(n, even=True) for n in (1, 7, 11, 13, 121, 219, 225)] == [2, 8, 12, 16, 128, 240, 240]
+    assert fast_fft_shape((219, 225, 225)) == (225, 225, 240)  # only the axis rfftn halves is made even
+    assert DipoleOperator((50, 50, 111), (1, 1, 1), (0, 0, 1), pad=(1, 1, 1)).pshape == (54, 54, 120)  # 113 → 120
     for n in range(1, 300):
-        m = fast_fft_size(n)
-        assert n <= m <= n + n // 4 + 1
-        rest = m
-        for p in (2, 3, 5):
-            while rest % p == 0:
-                rest //= p
-        assert rest == 1
+        for even in (False, True):
+            m = fast_fft_size(n, even)
+            assert n <= m <= n + n // 4 + 2 and (m % 2 == 0 or not even)
+            assert dipole_reference.smooth_size(n, even) == m  # the reference's own derivation agrees
     # batched (..., X, Y, Z) volumes, and forward_field is the operator
     chi = torch.randn(2, 1, 67, 61, 50, generator=torch.Generator().manual_seed(0))
     field = op.forward(chi)

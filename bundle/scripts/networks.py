@@ -33,6 +33,7 @@ __all__ = [
     "qsmgan_unet",
     "expand_input_channels",
     "fold_batchnorm",
+    "cropped_unet_forward",
     "count_parameters",
     "bf16_supported",
     "resolve_autocast",
@@ -217,7 +218,7 @@ class QSMGenerator(nn.Module):
         else:
             scaled = x[:, 1:] * self.chi_scale
         if not torch.jit.is_scripting():  # TorchScript (ckpt_export) always runs in float32, default layout
-            out = self.crop(self._backbone_eager(scaled).float()) / self.chi_scale
+            out = self._backbone_eager(scaled).float() / self.chi_scale
         else:
             out = self.crop(self.backbone(scaled).float()) / self.chi_scale
         if self.residual:
@@ -226,13 +227,18 @@ class QSMGenerator(nn.Module):
 
     @torch.jit.unused
     def _backbone_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's output, cropped by the margin. In eval mode a BasicUNet's finest decoder levels only
+        compute what the crop keeps (:func:`cropped_unet_forward`: the same map, about a third less work)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()  # exported graphs stay float32
         enabled = resolve_autocast(self.autocast, x.device) and not exporting
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled):
-            out = self.backbone(x)
-        return out.contiguous() if self.channels_last else out
+            if not self.training and isinstance(self.backbone, BasicUNet):
+                out = cropped_unet_forward(self.backbone, x, self.margin)
+            else:
+                out = self.crop(self.backbone(x))
+        return out.contiguous()
 
 
 #: Whole-region χ estimates the generator can read as a second channel.
@@ -311,6 +317,98 @@ def fold_batchnorm(network: nn.Module) -> nn.Module:
         module.conv = fused
         adn.N = nn.Identity()
     return folded
+
+
+#: Layers that act on each voxel alone in eval mode: a convolution followed by these can be computed on any part of
+#: its input (a crop) and gives the same values there.
+_POINTWISE_IN_EVAL = (nn.Identity, nn.Dropout, nn.LeakyReLU, nn.ReLU, nn.PReLU, nn.modules.batchnorm._BatchNorm)
+
+
+def _decoder_plan(unet: BasicUNet, spatial: Sequence[int], margin: int) -> list[list[tuple[int, int]]] | None:
+    """The output ranges (per axis, [lo, hi)) that the finest decoder levels of ``unet`` must compute so that the
+    final convolution's output is known on [margin, n − margin); ``None`` where no level can be cropped.
+
+    Entry ``l`` (0 = the finest level, ``upcat_1``) is the range of that level's output on its own grid. Each
+    decoder level's two 3×3×3 convolutions need two voxels more per side of their input, and its 2× transposed
+    convolution (kernel 2, stride 2) maps input voxel ``i`` to output voxels ``2i`` and ``2i + 1``. A level is
+    cropped only while its input range lies inside the level's grid, so that valid convolutions on it reproduce
+    the zero-padded ones exactly; coarser levels run whole (in a 64³ window with margin 8, ``upcat_1`` computes
+    52³ → 48³ instead of 64³ and ``upcat_2`` 30³ → 26³ instead of 32³).
+    """
+    levels = [unet.upcat_1, unet.upcat_2, unet.upcat_3, unet.upcat_4]
+    need = [(margin, n - margin) for n in spatial]
+    plan = []
+    for depth, level in enumerate(levels):
+        size = [n >> depth for n in spatial]
+        wanted = [(lo - 2, hi + 2) for lo, hi in need]  # the input of the level's two convolutions
+        if not _croppable(level) or any(lo < 0 or hi > n for (lo, hi), n in zip(wanted, size)):
+            break
+        plan.append(need)
+        need = [(lo // 2, -(-hi // 2)) for lo, hi in wanted]  # the coarser level's output the up-sampling needs
+    return plan or None
+
+
+def _croppable(level: nn.Module) -> bool:
+    """Whether a decoder level is 2 × [Conv3d 3³ (stride 1, padding 1) → voxel-wise layers] after a transposed
+    convolution with kernel 2 and stride 2 (BasicUNet's default ``deconv`` up-sampling), in eval mode."""
+    deconv = getattr(getattr(level, "upsample", None), "deconv", None)
+    if not isinstance(deconv, nn.ConvTranspose3d) or deconv.kernel_size != (2, 2, 2) or deconv.stride != (2, 2, 2):
+        return False
+    if deconv.padding != (0, 0, 0) or deconv.output_padding != (0, 0, 0) or len(level.upsample) != 1:
+        return False
+    blocks = list(getattr(level, "convs", nn.Sequential()).children())
+    if len(blocks) != 2:
+        return False
+    for block in blocks:
+        conv, adn = getattr(block, "conv", None), getattr(block, "adn", None)
+        if not isinstance(conv, nn.Conv3d) or not isinstance(adn, nn.Sequential) or len(list(block.children())) != 2:
+            return False
+        if conv.kernel_size != (3, 3, 3) or conv.stride != (1, 1, 1) or conv.padding != (1, 1, 1):
+            return False
+        if conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.padding_mode != "zeros" or block.training:
+            return False
+        if not all(isinstance(layer, _POINTWISE_IN_EVAL) for layer in adn.children()):
+            return False
+    return True
+
+
+def cropped_unet_forward(unet: BasicUNet, x: torch.Tensor, margin: int) -> torch.Tensor:
+    """``BasicUNet(x)`` cropped by ``margin`` voxels per side, computing the finest decoder levels only where the
+    crop needs them (:func:`_decoder_plan`): valid convolutions on the needed part of their input give exactly the
+    values the zero-padded convolutions give there (float rounding aside). The generator's finest level is 47 % of
+    a 64³ window's time (bf16, AMD EPYC); the crop keeps 42 % of its output. Eval mode only: BatchNorm with batch
+    statistics (training) or instance norms would see other voxels. Falls back to the whole forward and a crop.
+
+    Shapes: (B, C, X, Y, Z), sizes multiples of 16 → (B, out_channels, X − 2·margin, Y − 2·margin, Z − 2·margin).
+    """
+    spatial = tuple(x.shape[2:])
+    plan = _decoder_plan(unet, spatial, margin) if margin > 0 and not unet.training else None
+    if plan is None:
+        m = margin
+        return unet(x)[..., m : spatial[0] - m, m : spatial[1] - m, m : spatial[2] - m]
+    x0 = unet.conv_0(x)
+    skips = [x0, unet.down_1(x0)]
+    skips.append(unet.down_2(skips[-1]))
+    skips.append(unet.down_3(skips[-1]))
+    u = unet.down_4(skips[-1])
+    levels = [unet.upcat_1, unet.upcat_2, unet.upcat_3, unet.upcat_4]
+    start = [0, 0, 0]  # where u's computed part starts on its level's grid
+    for depth in range(3, -1, -1):
+        level, skip = levels[depth], skips[depth]
+        if depth >= len(plan):  # a coarse level: whole, as BasicUNet runs it
+            u = level(u, skip)
+            continue
+        need = plan[depth]
+        wanted = [(lo - 2, hi + 2) for lo, hi in need]
+        # up-sample the coarser level's part that covers `wanted`, then cut it to `wanted`
+        parent = tuple(slice(lo // 2 - s, -(-hi // 2) - s) for (lo, hi), s in zip(wanted, start))
+        up = level.upsample(u[(..., *parent)])
+        cut = tuple(slice(lo - 2 * (lo // 2), lo - 2 * (lo // 2) + hi - lo) for lo, hi in wanted)
+        inputs = torch.cat([skip[(..., *(slice(lo, hi) for lo, hi in wanted))], up[(..., *cut)]], dim=1)
+        for block in level.convs.children():
+            inputs = block.adn(nn.functional.conv3d(inputs, block.conv.weight, block.conv.bias))
+        u, start = inputs, [lo for lo, _ in need]
+    return unet.final_conv(u)
 
 
 class QSMCritic(nn.Module):

@@ -24,6 +24,7 @@ __all__ = [
     "FIELD_UNITS",
     "dipole_kernel",
     "fast_fft_size",
+    "fast_fft_shape",
     "scale_spectrum",
     "DipoleOperator",
     "forward_field",
@@ -72,6 +73,13 @@ def dipole_kernel(
 ) -> torch.Tensor:
     """Unit dipole kernel in k-space, D(k) = 1/3 − (k·b̂)²/|k|², with D(0) = 0.
 
+    On an even axis the Nyquist sample stands for both +k_N and −k_N (``fftfreq`` writes it as −k_N); there D is the
+    mean of its values at the two, i.e. (k·b̂)² without the cross terms of Nyquist components (the sign-dependent
+    part). The sampled kernel is then even on the grid, D(−k mod N) = D(k), as the continuous one is, so the
+    convolution is real and self-adjoint and a real FFT (half spectrum) and a complex FFT apply the same operator.
+    With B0 along a grid axis nothing changes (there are no cross terms); with an oblique B0 only the Nyquist
+    planes do.
+
     Arguments:
         shape: grid size (X, Y, Z) in voxels.
         voxel_size: voxel size (Δx, Δy, Δz) in mm; anisotropic sizes are honoured.
@@ -101,6 +109,16 @@ def dipole_kernel(
             axes.append(torch.fft.rfftfreq(n, d=d, device=device, dtype=torch.float64))
         else:
             axes.append(torch.fft.fftfreq(n, d=d, device=device, dtype=torch.float64))
+    # per axis: k_i b_i off the Nyquist sample (its sign is known) and (k_i b_i)² on it (the mean over ±k_N)
+    signed, nyquist = [], []
+    for i, (k, n) in enumerate(zip(axes, shape)):
+        on = torch.zeros_like(k, dtype=torch.bool)
+        if n % 2 == 0:
+            on[-1 if rfft and i == 2 else n // 2] = True
+        view = [1, 1, 1]
+        view[i] = -1
+        signed.append(torch.where(on, 0.0, k * b[i]).view(view))
+        nyquist.append(torch.where(on, (k * b[i]) ** 2, 0.0).view(view))
     kx = axes[0][:, None, None]
     ky, kz = axes[1][None, :, None], axes[2][None, None, :]
     out = torch.empty((len(axes[0]), len(axes[1]), len(axes[2])), device=device, dtype=dtype)
@@ -110,10 +128,11 @@ def dipole_kernel(
     for start in range(0, out.shape[0], step):
         sx = kx[start : start + step]
         k2 = sx * sx + ky * ky + kz * kz
-        kb = sx * b[0] + ky * b[1] + kz * b[2]
+        kb = signed[0][start : start + step] + signed[1] + signed[2]
+        kb2 = kb * kb + (nyquist[0][start : start + step] + nyquist[1] + nyquist[2])
         if start == 0:
             k2[0, 0, 0] = 1.0  # avoid 0/0; D(0) is set below
-        d = 1.0 / 3.0 - kb * kb / k2
+        d = 1.0 / 3.0 - kb2 / k2
         if start == 0:
             d[0, 0, 0] = 0.0
         out[start : start + step] = d
@@ -131,17 +150,31 @@ def _pad_amounts(shape: Sequence[int], pad: float | Sequence[int]) -> list[int]:
     return amounts
 
 
-def fast_fft_size(n: int) -> int:
-    """The smallest integer ≥ ``n`` whose only prime factors are 2, 3 and 5 (a fast FFT length)."""
+def fast_fft_size(n: int, even: bool = False) -> int:
+    """The smallest integer ≥ ``n`` whose only prime factors are 2, 3 and 5 (a fast FFT length), and even if
+    ``even`` (the axis a real FFT halves: :func:`fast_fft_shape`)."""
     n = max(1, int(n))
     while True:
         m = n
         for p in (2, 3, 5):
             while m % p == 0:
                 m //= p
-        if m == 1:
+        if m == 1 and (n % 2 == 0 or not even):
             return n
         n += 1
+
+
+def fast_fft_shape(sizes: Sequence[int]) -> tuple[int, ...]:
+    """Fast FFT lengths ≥ ``sizes`` for a real FFT over the last axes (``torch.fft.rfftn``): :func:`fast_fft_size`
+    per axis, the last one (the axis the real transform halves) even.
+
+    An odd last axis leaves the real transform without its half-length complex trick: a 216×250×225 FFT pair
+    (``rfftn`` + ``irfftn``, float32, two threads) took 85 ms against 68 ms for 216×250×240, 7 % more voxels, on an
+    AMD EPYC (medians of 14 interleaved pairs; ``python bench/bench_grid.py --fft``). The grid is never smaller
+    than with odd lengths, so no padding is lost.
+    """
+    sizes = [int(n) for n in sizes]
+    return tuple(fast_fft_size(n, even=axis == len(sizes) - 1) for axis, n in enumerate(sizes))
 
 
 _KERNEL_CACHE_MAX_VOXELS = 1 << 23  # kernels up to 32 MB (float32) are kept: training patches, not whole heads
@@ -220,7 +253,7 @@ class DipoleOperator:
         self.b0_direction = _unit_vector(b0_direction)
         amounts = _pad_amounts(self.shape, pad)
         if any(amounts):
-            self.pshape = tuple(fast_fft_size(n + 2 * p) for n, p in zip(self.shape, amounts))
+            self.pshape = fast_fft_shape([n + 2 * p for n, p in zip(self.shape, amounts)])
         else:
             self.pshape = self.shape
         self.before = tuple((p - n) // 2 for p, n in zip(self.pshape, self.shape))
@@ -404,7 +437,7 @@ def ball_counts(mask: np.ndarray, voxel: Sequence[float], radius_mm: float) -> t
     Returns a float64 tensor of the array's shape.
     """
     ext = [(n - 1) // 2 for n in ball_offsets(voxel, radius_mm).shape]  # the ball's reach along each axis
-    shape = tuple(fast_fft_size(n + 2 * e) for n, e in zip(mask.shape, ext))
+    shape = fast_fft_shape([n + 2 * e for n, e in zip(mask.shape, ext)])
     spectrum = torch.fft.rfftn(torch.from_numpy(mask).to(torch.float64), s=shape)
     spectrum.mul_(torch.fft.rfftn(periodic_ball(shape, voxel, radius_mm)))
     counts = torch.fft.irfftn(spectrum, s=shape)

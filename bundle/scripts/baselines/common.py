@@ -157,9 +157,9 @@ class Frame:
         if tuple(support.shape) != self.pshape or not bool((support > 0).any()):
             raise ValueError(f"support must be a non-empty {self.pshape} mask, got shape {tuple(support.shape)}")
         window = []
-        for extent, total in zip(mask_box(support), self.pshape):
+        for axis, (extent, total) in enumerate(zip(mask_box(support), self.pshape)):
             n = extent.stop - extent.start
-            size = fast_fft_size(n + 2 * math.ceil(PRECOND_PAD * n))
+            size = fast_fft_size(n + 2 * math.ceil(PRECOND_PAD * n), even=axis == 2)  # as fast_fft_shape
             start = min(max(extent.start - (size - n) // 2, 0), total - size) if size < total else 0
             window.append(slice(start, start + min(size, total)))
         window = tuple(window)
@@ -282,19 +282,20 @@ def box_padding(
 
     ``pad`` as voxel counts is kept (at least ``min_pad``); as a fraction, per axis the padded length is
     fast_fft_size(N + 2⌈pad·N⌉) (N: the full length) or, where the box is shorter (n < N), the smaller of that and
-    fast_fft_size(n + 2⌈BOX_PAD·n⌉), and never below n + 2·min_pad.
+    fast_fft_size(n + 2⌈BOX_PAD·n⌉), and never below n + 2·min_pad (the last axis even: :func:`fast_fft_shape`).
     """
     if not isinstance(pad, (int, float)) or isinstance(pad, bool):
         return [max(int(p), int(q)) for p, q in zip(pad, min_pad)]
     if pad < 0:
         raise ValueError(f"pad must be >= 0, got {pad}")
     out = []
-    for big, n, least in zip(full_shape, box_shape, min_pad):
+    for axis, (big, n, least) in enumerate(zip(full_shape, box_shape, min_pad)):
         if pad == 0:
             out.append(int(least))
             continue
-        whole = fast_fft_size(big + 2 * math.ceil(pad * big))
-        own = fast_fft_size(n + 2 * math.ceil(BOX_PAD * n)) if n < big else whole  # not cropped: as given
+        even = axis == len(full_shape) - 1  # the real FFT's halved axis (fast_fft_shape)
+        whole = fast_fft_size(big + 2 * math.ceil(pad * big), even)
+        own = fast_fft_size(n + 2 * math.ceil(BOX_PAD * n), even) if n < big else whole  # not cropped: as given
         out.append(max((min(whole, own) - n) // 2, int(least)))
     return out
 
