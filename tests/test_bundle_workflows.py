@@ -79,9 +79,11 @@ def test_inference_writes_chi_with_input_affine(tmp_path):
         "false",
         "--dc_weight",
         "null",
-        # exact-stride tiles in float32, so that each output voxel is one window's float32 output
+        # exact-stride tiles from the first voxel in float32, so that each output voxel is one window's float32 output
         "--sw_overlap",
         "0",
+        "--sw_placement",
+        "grid",
         "--autocast",
         "false",
     )

@@ -1,5 +1,8 @@
 """Crop-aware sliding-window inference: stitching is exact for any volume shape; checkpoints load on any device."""
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -90,6 +93,84 @@ def test_every_output_voxel_comes_from_the_right_window_and_place(shape, sw_batc
             expected[:, :tile, :tile, :tile] = 0
         wrong = (out[b] != expected).any(dim=0)
         assert not wrong.any(), f"item {b}: {int(wrong.sum())} voxels wrong, first at {wrong.nonzero()[0].tolist()}"
+
+
+def _fewest_tiles_brute_force(occupied, tile, stride):
+    """Every grid of tiles at ``stride`` whose tiles span the occupied extent, counted voxel by voxel (numpy)."""
+    idx = np.nonzero(occupied)
+    lo, hi = [int(i.min()) for i in idx], [int(i.max()) + 1 for i in idx]
+    per_axis = []
+    for a in range(3):
+        c = 1 + max(0, -(-(hi[a] - lo[a] - tile) // stride))
+        per_axis.append([[o + i * stride for i in range(c)] for o in range(hi[a] - tile - (c - 1) * stride, lo[a] + 1)])
+    best = None
+    for gx, gy, gz in itertools.product(*per_axis):
+        used = [
+            (x, y, z)
+            for x, y, z in itertools.product(gx, gy, gz)
+            if occupied[max(x, 0) : x + tile, max(y, 0) : y + tile, max(z, 0) : z + tile].any()
+        ]
+        if best is None or len(used) < len(best):
+            best = used
+    return best
+
+
+def test_fit_placement_finds_the_fewest_tiles():
+    """placement="fit": the tiles' grid shifted per axis so that the fewest tiles hold every occupied voxel; the
+    count against a brute force over every offset triple (numpy, voxel by voxel), on blobs that a grid from the
+    volume's first voxel covers with more tiles; every occupied voxel lies in a returned tile."""
+    inferer = CropSlidingWindowInferer(24, 4, overlap=0.25, placement="fit")  # tile 16, stride 12
+    rng = np.random.default_rng(3)
+    for trial in range(4):
+        occupied = np.zeros((45, 38, 30), dtype=bool)
+        centre = rng.integers(12, 26, size=3)
+        radii = rng.integers(5, 11, size=3)
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in occupied.shape], indexing="ij"), -1)
+        occupied |= (((grid - centre) / radii) ** 2).sum(-1) <= 1
+        occupied[tuple(rng.integers(0, 30, size=3))] = True  # a stray voxel far out
+        starts = inferer.fit_window_starts(torch.from_numpy(occupied))
+        want = _fewest_tiles_brute_force(occupied, 16, 12)
+        assert len(starts) == len(want), trial
+        covered = np.zeros_like(occupied)
+        for x, y, z in starts:
+            covered[max(x, 0) : x + 16, max(y, 0) : y + 16, max(z, 0) : z + 16] = True
+        assert covered[occupied].all()
+        assert len(starts) <= sum(
+            occupied[x : x + 16, y : y + 16, z : z + 16].any() for x, y, z in inferer.window_starts(occupied.shape)
+        )
+    assert inferer.fit_window_starts(torch.zeros(20, 20, 20)) == []
+    with pytest.raises(ValueError, match="skip_empty"):
+        CropSlidingWindowInferer(24, 4, skip_empty=False, placement="fit")
+    with pytest.raises(ValueError, match="placement"):
+        CropSlidingWindowInferer(24, 4, placement="tight")
+
+
+def test_fit_placement_reads_each_window_at_its_place():
+    """With tiles that start before the volume (negative corners), each occupied output voxel v
+    holds the value at v and the value at v − margin (0 outside the volume): windows are read with the right
+    offset from the grown padding; a local network stitched this way equals its one pass inside the mask."""
+    roi, margin = 24, 4
+    shape = (41, 35, 29)
+    gen = torch.Generator().manual_seed(0)
+    value = torch.rand(shape, generator=gen) + 1
+    value[:3], value[:, -2:], value[..., 9:] = 0, 0, 0  # the occupied region: x >= 3, y < 33, z < 9
+    batch = value[None, None].repeat(1, 4, 1, 1, 1)
+    inferer = CropSlidingWindowInferer(roi, margin, sw_batch_size=2, placement="fit")
+    starts = inferer.fit_window_starts(value != 0)
+    assert min(s[2] for s in starts) < 0  # tiles start before the volume
+    with torch.no_grad():
+        out = CropSlidingWindowInferer(roi, margin, sw_batch_size=2, placement="fit")(batch, WhereFrom(margin))
+    behind = torch.zeros(shape)
+    behind[margin:, margin:, margin:] = value[:-margin, :-margin, :-margin]
+    inside = value != 0
+    assert torch.equal(out[0, 0][inside], value[inside]) and torch.equal(out[0, 4][inside], behind[inside])
+    net = local_net(margin=8)
+    field = torch.randn(1, 1, 70, 61, 52, generator=gen) * (torch.rand(1, 1, 70, 61, 52, generator=gen) > 0.5)
+    field[..., :25, :, :] = 0
+    with torch.no_grad():
+        whole = net(nn.functional.pad(field, (8,) * 6))
+        fit = CropSlidingWindowInferer(64, 8, overlap=0.125, placement="fit")(field, net)
+    torch.testing.assert_close(fit[field != 0], whole[field != 0], rtol=1e-4, atol=1e-5)
 
 
 def test_output_keeps_meta_and_batches():
