@@ -12,9 +12,15 @@
    relative L2 inside the mask (the whole case; and the stream's central 64³ patch of a 96³ region, for two seeds
    and for the sample ``tests/test_data.py`` checks).
 
+4. **FFT lengths** (``--fft``, instead of parts 1–3): the time of an FFT pair (``torch.fft.rfftn`` +
+   ``irfftn``, float32) on the grids the refinement of a 168×200×176 brain and of the demo's 160×192×160 brain use
+   (frame and preconditioner window) with odd last axes (the rule before ``fast_fft_shape``) and with the even
+   ones of :func:`scripts.physics.fast_fft_shape`, interleaved, median of ``--rounds``.
+
 Usage (from the repository root; CPU, about a minute)::
 
     python bench/bench_grid.py [--extent 96 96 80] [--seeds 2] [--reference_pad 1.5]
+    OMP_NUM_THREADS=2 python bench/bench_grid.py --fft [--rounds 15]
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from monai.data import MetaTensor  # noqa: E402
 from scripts.data import scanner_affine, simulate_case  # noqa: E402
 from scripts.grid import ToNetworkGridd  # noqa: E402
 from scripts.phantoms import RandomSourcePhantom  # noqa: E402
-from scripts.physics import demean_in_mask, forward_field  # noqa: E402
+from scripts.memory import keep_freed_memory  # noqa: E402
+from scripts.physics import demean_in_mask, fast_fft_shape, forward_field  # noqa: E402
 
 SMOOTH_GEOMETRIES = [  # name, voxel (mm), tilt (degrees)
     ("1x1x2mm tilt 15", (1.0, 1.0, 2.0), 15.0),
@@ -76,8 +83,13 @@ def main() -> None:
     parser.add_argument("--extent", type=float, nargs=3, default=[96.0, 96.0, 80.0], help="field of view (mm), part 2")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--reference_pad", type=float, default=1.5, help="padding per side of the reference, part 3")
+    parser.add_argument("--fft", action="store_true", help="part 4 only: FFT pair times, odd against even last axes")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of part 4")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.fft:
+        fft_lengths(args.rounds)
+        return
 
     print("1. smooth field, round trip to the network grid and back (40x36x22 voxels), relative L2 %")
     shape = (40, 36, 22)
@@ -133,6 +145,43 @@ def main() -> None:
     stream = demean_in_mask(forward_field(chi, pad=0.5)[inner], full)
     ref = demean_in_mask(forward_field(chi, pad=args.reference_pad)[inner], full)
     print(f"   the same for the patch of tests/test_data.py: {100 * float((stream - ref).norm() / ref.norm()):.2f}")
+
+
+#: Minimum grid sizes (before rounding to fast lengths) of the refinement's FFTs: the frame of a 168×200×176 brain
+#: (its whole grid padded by 1/8 per side), its preconditioner window, and the demo's frame and window.
+FFT_GRIDS = {
+    "brain frame": (210, 250, 220),
+    "brain window": (173, 224, 197),
+    "demo frame": (200, 240, 200),
+    "demo window": (157, 196, 176),
+}
+
+
+def fft_lengths(rounds: int) -> None:
+    """Part 4: FFT pair times of each grid with the odd 5-smooth rule and with :func:`fast_fft_shape`."""
+    import time
+
+    from scripts.physics import fast_fft_size
+
+    keep_freed_memory()
+    print(f"4. FFT pair (rfftn + irfftn, float32, {torch.get_num_threads()} threads), median of {rounds - 1} interleaved")
+    shapes = {}
+    for name, need in FFT_GRIDS.items():
+        odd = tuple(fast_fft_size(n) for n in need)
+        even = fast_fft_shape(need)
+        shapes[name] = [odd, even] if odd != even else [even]
+    volumes = {s: torch.randn(s) for group in shapes.values() for s in group}
+    spectra = {s: torch.fft.rfftn(v) for s, v in volumes.items()}
+    times: dict = {s: [] for s in volumes}
+    for _ in range(rounds):
+        for s in volumes:
+            t = time.perf_counter()
+            torch.fft.rfftn(volumes[s])
+            torch.fft.irfftn(spectra[s], s=s)
+            times[s].append(time.perf_counter() - t)
+    for name, group in shapes.items():
+        cells = [f"{'×'.join(map(str, s))} {1000 * float(np.median(times[s][1:])):.0f} ms" for s in group]
+        print(f"   {name:12s}: " + "  →  ".join(cells))
 
 
 if __name__ == "__main__":

@@ -35,15 +35,17 @@ Cases: ``demo``, inference.json's demo (160×192×160 1 mm brain, four microblee
 brain of 168×200×176 (:class:`scripts.phantoms.BrainPhantom`, seed 10001, SNR 40) simulated once in setup (not
 timed) and given as files, ``--field F --mask M``, as a user would (its truth stays with the benchmark).
 
-Settings: ``previous`` is the default of commit 722c5f3 as far as a setting switches it: ``--dc_iterations 30``
-(the other change since is in the code: the Fourier preconditioner's FFTs on a window around its support instead of
-the frame's whole padded grid), so in process the two settings run the same code, 30 against 31 iterations, unless
-``--previous_tree DIR`` names a checkout of the earlier commit (``git worktree add /tmp/prev 722c5f3``): then
+Settings: ``previous`` is the default of commit e037a82 as far as a setting switches it: ``--sw_placement grid``
+(the other changes since are in the code: the generator's finest decoder levels computed only where the crop keeps
+them, even lengths for the real FFT's halved axis), so in process the two settings run the same code, the tiles
+from the volume's first voxel against tiles fitted to the mask, unless
+``--previous_tree DIR`` names a checkout of the earlier commit (``git worktree add /tmp/prev e037a82``): then
 ``previous`` runs that tree's ``bundle/`` with its own defaults, on the command line only, alternating with the
 current tree's runs, and the maps compared are the written ones (the network-alone χ is not written). ``current``
 is ``configs/inference.json`` as it is. In process every run of ``previous`` (its warm-up first) comes before any run
 of ``current`` (a rule from an earlier ``previous``, glibc's allocator setting, which holds for the rest of a
-process); the command-line runs alternate. (Earlier ``previous`` settings: the default of commit 9daa812, none
+process); the command-line runs alternate. (Earlier ``previous`` settings: the default of commit 722c5f3,
+``--dc_iterations 30``; of commit 9daa812, none
 differing from the current one then; of commit ca6dda0,
 ``--keep_freed_memory False``; of commit ada0b9f, ``--dc_crop_to_mask False --fold_batchnorm False``; before commit
 610001d the default before commit e3dcbfe: ``--dc_iterations 60 --dc_test_iterations 60 --dc_precond_weight null
@@ -96,10 +98,10 @@ from scripts.metrics import nrmse, xsim  # noqa: E402
 from scripts.networks import bf16_supported  # noqa: E402
 from scripts.phantoms import BrainPhantom, RandomSourcePhantom  # noqa: E402
 
-#: The default of commit 722c5f3, as far as command-line overrides of inference.json switch it: 30 CG iterations (31
-#: since; its preconditioner's FFTs on the frame's whole grid, not on a window around the support, is in the code:
-#: compare with that commit through ``--previous_tree``).
-PREVIOUS: dict[str, object] = {"dc_iterations": 30}
+#: The default of commit e037a82, as far as command-line overrides of inference.json switch it: tiles from the
+#: volume's first voxel (fitted to the mask since; its whole decoder and odd FFT lengths are in the code: compare
+#: with that commit through ``--previous_tree``).
+PREVIOUS: dict[str, object] = {"sw_placement": "grid"}
 SETTINGS: dict[str, dict[str, object]] = {"previous": PREVIOUS, "current": {}}
 
 STAGES = (

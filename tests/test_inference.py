@@ -116,7 +116,8 @@ def _fewest_tiles_brute_force(occupied, tile, stride):
 
 
 def test_fit_placement_finds_the_fewest_tiles():
-    """placement="fit": the tiles' grid shifted per axis so that the fewest tiles hold every occupied voxel; the
+    """placement="fit": the tiles' grid shifted per axis so that the fewest tiles hold every occupied voxel (ties: the
+    grid's own placement); the
     count against a brute force over every offset triple (numpy, voxel by voxel), on blobs that a grid from the
     volume's first voxel covers with more tiles; every occupied voxel lies in a returned tile."""
     inferer = CropSlidingWindowInferer(24, 4, overlap=0.25, placement="fit")  # tile 16, stride 12
@@ -139,6 +140,8 @@ def test_fit_placement_finds_the_fewest_tiles():
             occupied[x : x + 16, y : y + 16, z : z + 16].any() for x, y, z in inferer.window_starts(occupied.shape)
         )
     assert inferer.fit_window_starts(torch.zeros(20, 20, 20)) == []
+    # where no shift saves a window (a full volume), the tiles are the grid's: the same map as placement="grid"
+    assert sorted(inferer.fit_window_starts(torch.ones(45, 38, 30))) == sorted(inferer.window_starts((45, 38, 30)))
     with pytest.raises(ValueError, match="skip_empty"):
         CropSlidingWindowInferer(24, 4, skip_empty=False, placement="fit")
     with pytest.raises(ValueError, match="placement"):

@@ -178,7 +178,8 @@ class CropSlidingWindowInferer(Inferer):
         Per axis the tiles needed to span the non-zero voxels' extent ``[lo, hi)`` are ``c = 1 + ⌈(hi − lo −
         tile)/stride⌉``, and every offset ``o`` in ``[hi − tile − (c − 1)·stride, lo]`` gives such a grid ``o +
         i·stride``. Of all offset triples, the one with the fewest tiles that contain a non-zero voxel is chosen
-        (the first in C order on ties); only those tiles are returned. Which tiles are occupied comes from running
+        (on ties the grid of :meth:`window_starts`, else the offsets nearest to it, then the first in C order);
+        only those tiles are returned. Which tiles are occupied comes from running
         sums along each axis in turn (separable: a tile holds a voxel iff its x-slab's y-slab's z-run does), and
         the count for every offset triple from ``c_x·c_y·c_z`` shifted additions.
 
@@ -209,7 +210,12 @@ class CropSlidingWindowInferer(Inferer):
             needed += tiles[
                 i * stride : i * stride + offsets[0], j * stride : j * stride + offsets[1], k * stride : k * stride + offsets[2]
             ]
-        best = np.unravel_index(int(torch.argmin(needed.flatten())), offsets)
+        # ties go to the grid from the volume's first voxel where it is among the best (the same tiles as
+        # placement="grid", so nothing changes where fitting saves no window), else to the offsets nearest to it
+        shift = [torch.tensor([min((f + o) % stride, -(f + o) % stride) for o in range(n)]) for f, n in zip(firsts, offsets)]
+        distance = shift[0][:, None, None] + shift[1][None, :, None] + shift[2][None, None, :]
+        key = needed.to(torch.int64) * (3 * stride + 1) + distance
+        best = np.unravel_index(int(torch.argmin(key.flatten())), offsets)
         starts = []
         for i, j, k in itertools.product(*(range(c) for c in counts)):
             q = (int(best[0]) + i * stride, int(best[1]) + j * stride, int(best[2]) + k * stride)

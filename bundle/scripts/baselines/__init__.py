@@ -6,7 +6,8 @@ signature ``method(field, mask, voxel_size, b0_direction, **options)`` and the b
 
 1. the field is demeaned inside the mask and zeroed outside it (a local field has no defined offset);
 2. it is zero-padded by ``pad`` (a fraction of each dimension per side; the padded size is then rounded up to a
-   product of 2, 3 and 5 for a fast FFT; ``pad=0`` keeps the grid as it is: the FFT is then exactly periodic),
+   product of 2, 3 and 5 for a fast FFT, the last axis even: :func:`scripts.physics.fast_fft_shape`; ``pad=0``
+   keeps the grid as it is: the FFT is then exactly periodic),
    so that the inverse filter does not wrap the field of one face onto the opposite one;
 3. the inversion runs on the padded grid (real FFTs, float32 by default; finite differences are periodic forward
    differences, whose Fourier symbol E_i = (e^{2πi·n_i/N_i} − 1)/Δ_i is used in the closed forms);

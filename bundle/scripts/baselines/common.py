@@ -137,8 +137,8 @@ class Frame:
         that is not smaller), a window of the padded grid. Any SPD preconditioner leaves the solution CG converges
         to unchanged (the problem is the frame's, on its own padded grid); the window's nearer periodic images only
         make the approximate inverse a little less exact, while a third of the FFT pairs of every iteration run on
-        fewer voxels (a 1 mm brain: 180×225×200 against 216×250×225; its 30-iteration support fit took 12.2 s
-        against 14.6 s, the same χ to 0.01 % NRMSE, ``docs/inputs.md``).
+        fewer voxels (a 1 mm brain: 180×225×200 against 216×250×225, the frame before even last axes; its
+        30-iteration support fit took 12.2 s against 14.6 s, the same χ to 0.01 % NRMSE, ``docs/inputs.md``).
 
         The vectors it is applied to must already lie in S (zero outside it), so that the input mask S of
         S F⁻¹(…)F S is a no-op and is skipped (one pass over the grid less per CG iteration): CG applies it to
