@@ -121,6 +121,7 @@ def test_fit_placement_finds_the_fewest_tiles():
     count against a brute force over every offset triple (numpy, voxel by voxel), on blobs that a grid from the
     volume's first voxel covers with more tiles; every occupied voxel lies in a returned tile."""
     inferer = CropSlidingWindowInferer(24, 4, overlap=0.25, placement="fit")  # tile 16, stride 12
+    inferer.FIT_MIN_SAVING = 0.0  # any saving counts here (the fallback is checked below)
     rng = np.random.default_rng(3)
     for trial in range(4):
         occupied = np.zeros((45, 38, 30), dtype=bool)
@@ -136,9 +137,14 @@ def test_fit_placement_finds_the_fewest_tiles():
         for x, y, z in starts:
             covered[max(x, 0) : x + 16, max(y, 0) : y + 16, max(z, 0) : z + 16] = True
         assert covered[occupied].all()
-        assert len(starts) <= sum(
-            occupied[x : x + 16, y : y + 16, z : z + 16].any() for x, y, z in inferer.window_starts(occupied.shape)
-        )
+        grid = [(x, y, z) for x, y, z in inferer.window_starts(occupied.shape) if occupied[x:, y:, z:][:16, :16, :16].any()]
+        assert len(starts) < len(grid), trial  # these blobs are placed so that the shift saves windows
+        # a saving below FIT_MIN_SAVING keeps the grid's tiles (and so its map)
+        picky = CropSlidingWindowInferer(24, 4, overlap=0.25, placement="fit")
+        picky.FIT_MIN_SAVING = 1 - len(starts) / len(grid) + 1e-6
+        assert sorted(picky.fit_window_starts(torch.from_numpy(occupied))) == sorted(grid)
+        picky.FIT_MIN_SAVING = 1 - len(starts) / len(grid) - 1e-6
+        assert len(picky.fit_window_starts(torch.from_numpy(occupied))) == len(starts)
     assert inferer.fit_window_starts(torch.zeros(20, 20, 20)) == []
     # where no shift saves a window (a full volume), the tiles are the grid's: the same map as placement="grid"
     assert sorted(inferer.fit_window_starts(torch.ones(45, 38, 30))) == sorted(inferer.window_starts((45, 38, 30)))

@@ -115,6 +115,8 @@ class CropSlidingWindowInferer(Inferer):
 
     BLENDS = ("linear", "gaussian", "constant")
     PLACEMENTS = ("grid", "fit")
+    #: The least share of the grid's windows that ``placement="fit"`` must save to shift the tiles.
+    FIT_MIN_SAVING = 0.1
 
     def __init__(
         self,
@@ -179,7 +181,10 @@ class CropSlidingWindowInferer(Inferer):
         tile)/stride⌉``, and every offset ``o`` in ``[hi − tile − (c − 1)·stride, lo]`` gives such a grid ``o +
         i·stride``. Of all offset triples, the one with the fewest tiles that contain a non-zero voxel is chosen
         (on ties the grid of :meth:`window_starts`, else the offsets nearest to it, then the first in C order);
-        only those tiles are returned. Which tiles are occupied comes from running
+        only those tiles are returned. Where that saves less than :data:`FIT_MIN_SAVING` of the grid's occupied
+        tiles, the grid's are returned instead: a shifted tiling changes the network's map at the level of its
+        position dependence (on four 1 mm brains ±0.5 NRMSE points alone, ±0.1 with the refinement, in both
+        directions; model card), which only a real saving is worth. Which tiles are occupied comes from running
         sums along each axis in turn (separable: a tile holds a voxel iff its x-slab's y-slab's z-run does), and
         the count for every offset triple from ``c_x·c_y·c_z`` shifted additions.
 
@@ -221,7 +226,8 @@ class CropSlidingWindowInferer(Inferer):
             q = (int(best[0]) + i * stride, int(best[1]) + j * stride, int(best[2]) + k * stride)
             if tiles[q]:
                 starts.append(tuple(f + p for f, p in zip(firsts, q)))
-        return starts
+        grid = [s for s in self.window_starts(occupied.shape) if bool(occupied[self._slices(s, 0, t)].any())]
+        return starts if len(starts) <= (1.0 - self.FIT_MIN_SAVING) * len(grid) else grid
 
     def tile_faces(self, spatial_shape: Sequence[int]) -> list[list[int]]:
         """Per axis, the sorted positions ``p`` (0 < p < n) of the tile faces inside the volume: the planes between
