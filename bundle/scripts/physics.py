@@ -169,7 +169,7 @@ def fast_fft_shape(sizes: Sequence[int]) -> tuple[int, ...]:
     per axis, the last one (the axis the real transform halves) even.
 
     An odd last axis leaves the real transform without its half-length complex trick: a 216×250×225 FFT pair
-    (``rfftn`` + ``irfftn``, float32, two threads) took 85 ms against 68 ms for 216×250×240, 7 % more voxels, on an
+    (``rfftn`` + ``irfftn``, float32, two threads) took 84 ms against 65 ms for 216×250×240, 7 % more voxels, on an
     AMD EPYC (medians of 14 interleaved pairs; ``python bench/bench_grid.py --fft``). The grid is never smaller
     than with odd lengths, so no padding is lost.
     """
