@@ -190,13 +190,8 @@ def test_inferer_gives_every_window_the_whole_region_estimate():
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_folded_batchnorm_is_the_same_network(channels_last):
-    """fold_batchnorm: a copy whose convolutions absorbed the BatchNorms that follow them (running statistics and
-    affine parameters made non-trivial here), giving the eval-mode map to float32 rounding with no BatchNorm left;
-    the original keeps its BatchNorms, the copy its memory layout. A network in training mode is refused."""
-    torch.manual_seed(0)
-    net = QSMGenerator(features=(4, 4, 8, 8, 8, 4), channels_last=channels_last)
+def _with_batchnorm_statistics(net: nn.Module) -> nn.Module:
+    """``net`` with non-trivial BatchNorm running statistics and affine parameters (drawn from torch's generator)."""
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.BatchNorm3d):
@@ -204,6 +199,16 @@ def test_folded_batchnorm_is_the_same_network(channels_last):
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_batchnorm_is_the_same_network(channels_last):
+    """fold_batchnorm: a copy whose convolutions absorbed the BatchNorms that follow them (running statistics and
+    affine parameters made non-trivial here), giving the eval-mode map to float32 rounding with no BatchNorm left;
+    the original keeps its BatchNorms, the copy its memory layout. A network in training mode is refused."""
+    torch.manual_seed(0)
+    net = _with_batchnorm_statistics(QSMGenerator(features=(4, 4, 8, 8, 8, 4), channels_last=channels_last))
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(net)
     net.eval()
@@ -221,13 +226,7 @@ def test_folded_batchnorm_is_the_same_network(channels_last):
 
 def _unet_with_statistics(norm: str = "batch") -> nn.Module:
     torch.manual_seed(1)
-    unet = qsmgan_unet(features=(4, 6, 8, 8, 8, 4), norm=norm)
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, nn.BatchNorm3d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-    return unet.eval()
+    return _with_batchnorm_statistics(qsmgan_unet(features=(4, 6, 8, 8, 8, 4), norm=norm)).eval()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -260,6 +259,7 @@ def test_cropped_decoder_falls_back_where_it_cannot_crop():
     unet = _unet_with_statistics()
     x = torch.randn(1, 1, 32, 32, 32)
     assert _decoder_plan(unet, (32, 32, 32), 0) is None and _decoder_plan(unet, (32, 32, 32), 1) is None
+    assert _decoder_plan(unet, (40, 32, 32), 8) is None  # not a multiple of 16
     assert len(_decoder_plan(unet, (64, 64, 64), 8)) == 2
     assert _decoder_plan(_unet_with_statistics("instance"), (64, 64, 64), 8) is None
     with torch.no_grad():

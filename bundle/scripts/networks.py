@@ -335,6 +335,8 @@ def _decoder_plan(unet: BasicUNet, spatial: Sequence[int], margin: int) -> list[
     the zero-padded ones exactly; coarser levels run whole (in a 64³ window with margin 8, ``upcat_1`` computes
     52³ → 48³ instead of 64³ and ``upcat_2`` 30³ → 26³ instead of 32³).
     """
+    if any(n % 16 for n in spatial):  # odd sizes on a coarse level: BasicUNet's own padding of the skips applies
+        return None
     levels = [unet.upcat_1, unet.upcat_2, unet.upcat_3, unet.upcat_4]
     need = [(margin, n - margin) for n in spatial]
     plan = []
