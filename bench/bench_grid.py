@@ -164,7 +164,8 @@ def fft_lengths(rounds: int) -> None:
     from scripts.physics import fast_fft_size
 
     keep_freed_memory()
-    print(f"4. FFT pair (rfftn + irfftn, float32, {torch.get_num_threads()} threads), median of {rounds - 1} interleaved")
+    threads = torch.get_num_threads()
+    print(f"4. FFT pair (rfftn + irfftn, float32, {threads} threads), median of {rounds - 1} interleaved rounds")
     shapes = {}
     for name, need in FFT_GRIDS.items():
         odd = tuple(fast_fft_size(n) for n in need)

@@ -137,7 +137,7 @@ def test_fit_placement_finds_the_fewest_tiles():
         for x, y, z in starts:
             covered[max(x, 0) : x + 16, max(y, 0) : y + 16, max(z, 0) : z + 16] = True
         assert covered[occupied].all()
-        grid = [(x, y, z) for x, y, z in inferer.window_starts(occupied.shape) if occupied[x:, y:, z:][:16, :16, :16].any()]
+        grid = [s for s in inferer.window_starts(occupied.shape) if occupied[tuple(slice(a, a + 16) for a in s)].any()]
         assert len(starts) < len(grid), trial  # these blobs are placed so that the shift saves windows
         # a saving below FIT_MIN_SAVING keeps the grid's tiles (and so its map)
         picky = CropSlidingWindowInferer(24, 4, overlap=0.25, placement="fit")

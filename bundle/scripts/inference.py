@@ -211,13 +211,13 @@ class CropSlidingWindowInferer(Inferer):
             counts.append(c), firsts.append(first), offsets.append(lo - first + 1)
             tiles = _window_sums(tiles, axis, first - lo, positions, t).clamp_(max=1)
         needed = torch.zeros(offsets, dtype=torch.int32)
-        for i, j, k in itertools.product(*(range(c) for c in counts)):
-            needed += tiles[
-                i * stride : i * stride + offsets[0], j * stride : j * stride + offsets[1], k * stride : k * stride + offsets[2]
-            ]
+        for corner in itertools.product(*(range(c) for c in counts)):
+            needed += tiles[tuple(slice(i * stride, i * stride + n) for i, n in zip(corner, offsets))]
         # ties go to the grid from the volume's first voxel where it is among the best (the same tiles as
         # placement="grid", so nothing changes where fitting saves no window), else to the offsets nearest to it
-        shift = [torch.tensor([min((f + o) % stride, -(f + o) % stride) for o in range(n)]) for f, n in zip(firsts, offsets)]
+        shift = [
+            torch.tensor([min((f + o) % stride, -(f + o) % stride) for o in range(n)]) for f, n in zip(firsts, offsets)
+        ]
         distance = shift[0][:, None, None] + shift[1][None, :, None] + shift[2][None, None, :]
         key = needed.to(torch.int64) * (3 * stride + 1) + distance
         best = np.unravel_index(int(torch.argmin(key.flatten())), offsets)
@@ -318,8 +318,7 @@ class CropSlidingWindowInferer(Inferer):
             output = raw.new_zeros((raw.shape[0], 1, *full))
         elif blending:  # voxels no computed tile covers (skipped windows only) stay 0
             output /= weight_sum.clamp(min=torch.finfo(weight_sum.dtype).tiny)
-        output = output[..., -low[0] : spatial[0] - low[0], -low[1] : spatial[1] - low[1], -low[2] : spatial[2] - low[2]]
-        output = output.contiguous()
+        output = output[(..., *(slice(-lo, n - lo) for lo, n in zip(low, spatial)))].contiguous()
         if isinstance(inputs, MetaTensor):  # same grid as the input: keep its affine and header
             output = MetaTensor(output, meta=inputs.meta, applied_operations=inputs.applied_operations)
         return output

@@ -564,7 +564,8 @@ def tile_seam_ratio(
     seamless map, above 1 where tiles meet with a step or a kink. Apply it to an error map (χ − truth) to see the
     seams without the anatomy.
 
-    For :class:`scripts.inference.CropSlidingWindowInferer` the output tiles start at its ``window_starts`` in the
+    For :class:`scripts.inference.CropSlidingWindowInferer` with ``placement="grid"`` (``"fit"`` shifts the tiles by
+    an offset per axis: ``fit_window_starts``) the output tiles start at its ``window_starts`` in the
     unpadded volume (multiples of its ``stride``; the zero-padding by ``margin`` does not shift them): exact stride
     48 → ``tile=48, offset=0``; with overlap the faces are at ``k·stride`` and ``k·stride + tile`` →
     ``tile=stride, offset=(0, tile % stride)`` (:meth:`~scripts.inference.CropSlidingWindowInferer.tile_faces`).

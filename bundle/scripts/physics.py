@@ -76,8 +76,9 @@ def dipole_kernel(
     On an even axis the Nyquist sample stands for both +k_N and −k_N (``fftfreq`` writes it as −k_N); there D is the
     mean of its values at the two, i.e. (k·b̂)² without the cross terms of Nyquist components (the sign-dependent
     part; over every sign choice where several axes are at Nyquist, the only mean that does not depend on whether
-    the sample is written +k_N, as ``rfftfreq`` does, or −k_N, as ``fftfreq`` does). The sampled kernel is then even on the grid, D(−k mod N) = D(k), as the continuous one is, so the
-    convolution is real and self-adjoint and a real FFT (half spectrum) and a complex FFT apply the same operator.
+    the sample is written +k_N, as ``rfftfreq`` does, or −k_N, as ``fftfreq`` does). The sampled kernel is then
+    even on the grid, D(−k mod N) = D(k), as the continuous one is, so the convolution is real and self-adjoint and
+    a real FFT (half spectrum) and a complex FFT apply the same operator.
     With B0 along a grid axis nothing changes (there are no cross terms); with an oblique B0 only the Nyquist
     planes do.
 
