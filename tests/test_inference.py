@@ -116,10 +116,10 @@ def _fewest_tiles_brute_force(occupied, tile, stride):
 
 
 def test_fit_placement_finds_the_fewest_tiles():
-    """placement="fit": the tiles' grid shifted per axis so that the fewest tiles hold every occupied voxel (ties: the
-    grid's own placement); the
+    """placement="fit": the tiles' grid shifted per axis so that the fewest tiles hold every occupied voxel; the
     count against a brute force over every offset triple (numpy, voxel by voxel), on blobs that a grid from the
-    volume's first voxel covers with more tiles; every occupied voxel lies in a returned tile."""
+    volume's first voxel covers with more tiles; every occupied voxel lies in a returned tile; a saving below
+    FIT_MIN_SAVING, or none (a full volume), keeps the grid's tiles."""
     inferer = CropSlidingWindowInferer(24, 4, overlap=0.25, placement="fit")  # tile 16, stride 12
     inferer.FIT_MIN_SAVING = 0.0  # any saving counts here (the fallback is checked below)
     rng = np.random.default_rng(3)

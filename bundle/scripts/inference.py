@@ -213,8 +213,8 @@ class CropSlidingWindowInferer(Inferer):
         needed = torch.zeros(offsets, dtype=torch.int32)
         for corner in itertools.product(*(range(c) for c in counts)):
             needed += tiles[tuple(slice(i * stride, i * stride + n) for i, n in zip(corner, offsets))]
-        # ties go to the grid from the volume's first voxel where it is among the best (the same tiles as
-        # placement="grid", so nothing changes where fitting saves no window), else to the offsets nearest to it
+        # ties go to the offsets nearest to the grid from the volume's first voxel (the grid itself where it is
+        # among the best; where fitting saves too little, the grid is returned below anyway)
         shift = [
             torch.tensor([min((f + o) % stride, -(f + o) % stride) for o in range(n)]) for f, n in zip(firsts, offsets)
         ]

@@ -388,10 +388,9 @@ def cropped_unet_forward(unet: BasicUNet, x: torch.Tensor, margin: int) -> torch
     if plan is None:
         m = margin
         return unet(x)[..., m : spatial[0] - m, m : spatial[1] - m, m : spatial[2] - m]
-    x0 = unet.conv_0(x)
-    skips = [x0, unet.down_1(x0)]
-    skips.append(unet.down_2(skips[-1]))
-    skips.append(unet.down_3(skips[-1]))
+    skips = [unet.conv_0(x)]  # the encoder, whole: x0 … x3 feed the decoder levels 1 … 4
+    for down in (unet.down_1, unet.down_2, unet.down_3):
+        skips.append(down(skips[-1]))
     u = unet.down_4(skips[-1])
     levels = [unet.upcat_1, unet.upcat_2, unet.upcat_3, unet.upcat_4]
     start = [0, 0, 0]  # where u's computed part starts on its level's grid

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..physics import DipoleOperator, demean_in_mask, fast_fft_size, mask_box, scale_spectrum, smv_symbol
+from ..physics import DipoleOperator, demean_in_mask, fast_fft_shape, mask_box, scale_spectrum, smv_symbol
 
 #: Default zero padding per side, as a fraction of each dimension (before rounding up to a fast FFT size).
 DEFAULT_PAD = 0.125
@@ -156,10 +156,11 @@ class Frame:
             raise ValueError(f"preconditioner weight must be > 0, got {weight}")
         if tuple(support.shape) != self.pshape or not bool((support > 0).any()):
             raise ValueError(f"support must be a non-empty {self.pshape} mask, got shape {tuple(support.shape)}")
+        extents = mask_box(support)
+        lengths = [e.stop - e.start for e in extents]
+        sizes = fast_fft_shape([n + 2 * math.ceil(PRECOND_PAD * n) for n in lengths])
         window = []
-        for axis, (extent, total) in enumerate(zip(mask_box(support), self.pshape)):
-            n = extent.stop - extent.start
-            size = fast_fft_size(n + 2 * math.ceil(PRECOND_PAD * n), even=axis == 2)  # as fast_fft_shape
+        for extent, n, size, total in zip(extents, lengths, sizes, self.pshape):
             start = min(max(extent.start - (size - n) // 2, 0), total - size) if size < total else 0
             window.append(slice(start, start + min(size, total)))
         window = tuple(window)
@@ -281,23 +282,21 @@ def box_padding(
     """Voxels of zero padding per side around a box of ``box_shape`` cut from ``full_shape`` (see :class:`Frame`).
 
     ``pad`` as voxel counts is kept (at least ``min_pad``); as a fraction, per axis the padded length is
-    fast_fft_size(N + 2⌈pad·N⌉) (N: the full length) or, where the box is shorter (n < N), the smaller of that and
-    fast_fft_size(n + 2⌈BOX_PAD·n⌉), and never below n + 2·min_pad (the last axis even: :func:`fast_fft_shape`).
+    that of fast_fft_shape(N + 2⌈pad·N⌉) (N: the full lengths) or, where the box is shorter (n < N), the smaller of
+    that and that of fast_fft_shape(n + 2⌈BOX_PAD·n⌉), and never below n + 2·min_pad.
     """
     if not isinstance(pad, (int, float)) or isinstance(pad, bool):
         return [max(int(p), int(q)) for p, q in zip(pad, min_pad)]
     if pad < 0:
         raise ValueError(f"pad must be >= 0, got {pad}")
-    out = []
-    for axis, (big, n, least) in enumerate(zip(full_shape, box_shape, min_pad)):
-        if pad == 0:
-            out.append(int(least))
-            continue
-        even = axis == len(full_shape) - 1  # the real FFT's halved axis (fast_fft_shape)
-        whole = fast_fft_size(big + 2 * math.ceil(pad * big), even)
-        own = fast_fft_size(n + 2 * math.ceil(BOX_PAD * n), even) if n < big else whole  # not cropped: as given
-        out.append(max((min(whole, own) - n) // 2, int(least)))
-    return out
+    if pad == 0:
+        return [int(least) for least in min_pad]
+    whole = fast_fft_shape([big + 2 * math.ceil(pad * big) for big in full_shape])
+    own = fast_fft_shape([n + 2 * math.ceil(BOX_PAD * n) for n in box_shape])
+    return [
+        max((min(w, o if n < big else w) - n) // 2, int(least))  # a box as large as the grid: not cropped
+        for w, o, big, n, least in zip(whole, own, full_shape, box_shape, min_pad)
+    ]
 
 
 def lsqr(
