@@ -54,7 +54,8 @@ def test_start_up_objects_are_frozen_once_and_later_objects_stay_collectable(mon
         before = memory.freeze_startup_objects()
         assert before > 1000  # the imports' objects (torch, pytest) now sit in the permanent generation
         late = garbage_cycle()
-        assert memory.freeze_startup_objects() == before  # a second call freezes nothing more
+        # a second call freezes nothing more (the count may fall: frozen objects still die by reference counting)
+        assert memory.freeze_startup_objects() <= before
         gc.collect()
         assert late() is None  # made after the freeze: collected as before
         assert early() is not None  # alive at the freeze: never walked again by the collector
