@@ -166,6 +166,45 @@ def test_network_grid_round_trip_is_accurate_and_b0_along_z(voxel, b0, degrees):
     assert err < 0.01, err
 
 
+def test_resampled_field_is_zero_beyond_the_resampled_mask():
+    """With ``mask_key`` the field on the network grid is 0 wherever the mask, carried onto that grid, is 0 (as
+    training fields are outside their mask), and the plain resampling everywhere else; the record for ``Invertd``
+    and the input-grid mask stay as they were."""
+    shape, voxel = (40, 36, 22), (1.0, 1.0, 2.0)
+    affine = tilted_affine(shape, voxel, 15.0)
+    pts = world_points(affine, shape)
+    ball = (np.linalg.norm(pts, axis=-1) < 13.0).astype(np.float32)
+    field = (smooth(pts) * ball).astype(np.float32)
+
+    def case():
+        return {
+            "image": MetaTensor(torch.from_numpy(field)[None].clone(), affine=torch.from_numpy(affine)),
+            "mask": MetaTensor(torch.from_numpy(ball)[None].clone(), affine=torch.from_numpy(affine)),
+        }
+
+    plain = ToNetworkGridd(keys="image")(case())["image"][0].numpy()
+    to_grid = ToNetworkGridd(keys="image", mask_key="mask")
+    out = to_grid(case())
+    net = out["image"]
+    got = net[0].numpy()
+    radius = np.linalg.norm(world_points(net.affine.numpy(), net.shape[1:]), axis=-1)
+    far = radius > 13.0 + 2.0 + math.sqrt(3)  # beyond the ball by more than an input voxel (2 mm) and a grid voxel
+    assert np.count_nonzero(plain[far]) > 10_000  # without the mask: the cubic spline's tails, far out
+    assert not np.any(got[far])
+    kept = got != 0
+    assert np.array_equal(got[kept], plain[kept])  # elsewhere: the plain resampling, untouched
+    assert np.all(kept[radius < 13.0])  # the whole ball (and its edge) kept
+    n_kept = json.loads(out["qsm_info"])["network_grid"]["field_voxels_kept"]
+    assert np.count_nonzero(radius < 13.0) < n_kept < np.count_nonzero(radius < 13.0 + 2.0 + math.sqrt(3))
+    assert out["mask"].shape[1:] == shape and np.array_equal(out["mask"][0].numpy(), ball)  # still the input's
+    back = to_grid.inverse({"image": net})["image"]
+    assert tuple(back.shape[1:]) == shape and np.allclose(back.affine.numpy(), affine)
+    bad = case()
+    bad["mask"] = bad["mask"][:, :-1]
+    with pytest.raises(ValueError, match="mask's shape"):
+        to_grid(bad)
+
+
 def test_training_grid_input_is_not_resampled():
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     affine[:3, 3] = [-10, 4, 2]
