@@ -167,9 +167,9 @@ def test_network_grid_round_trip_is_accurate_and_b0_along_z(voxel, b0, degrees):
 
 
 def test_resampled_field_is_zero_beyond_the_resampled_mask():
-    """With ``mask_key`` the field on the network grid is 0 wherever the mask, carried onto that grid, is 0 (as
-    training fields are outside their mask), and the plain resampling everywhere else; the record for ``Invertd``
-    and the input-grid mask stay as they were."""
+    """With ``mask_key`` the field on the network grid is 0 beyond the cubic B-spline's reach from the mask (2 input
+    voxels; training fields are 0 outside their mask) and the plain resampling everywhere else; the record for
+    ``Invertd`` and the input-grid mask stay as they were."""
     shape, voxel = (40, 36, 22), (1.0, 1.0, 2.0)
     affine = tilted_affine(shape, voxel, 15.0)
     pts = world_points(affine, shape)
@@ -188,14 +188,16 @@ def test_resampled_field_is_zero_beyond_the_resampled_mask():
     net = out["image"]
     got = net[0].numpy()
     radius = np.linalg.norm(world_points(net.affine.numpy(), net.shape[1:]), axis=-1)
-    far = radius > 13.0 + 2.0 + math.sqrt(3)  # beyond the ball by more than an input voxel (2 mm) and a grid voxel
+    # beyond the ball's voxels grown by 2 voxels (a box: up to √(2² + 2² + 4²) mm), one more input voxel that the
+    # trilinear mask touches, and a grid voxel
+    far = radius > 13.0 + math.sqrt(24) + math.sqrt(6) + math.sqrt(3)
     assert np.count_nonzero(plain[far]) > 10_000  # without the mask: the cubic spline's tails, far out
     assert not np.any(got[far])
     kept = got != 0
     assert np.array_equal(got[kept], plain[kept])  # elsewhere: the plain resampling, untouched
-    assert np.all(kept[radius < 13.0])  # the whole ball (and its edge) kept
+    assert np.all(kept[radius < 13.0 + 1.9])  # the ball and 2 input voxels (at least 2 mm) around it: kept
     n_kept = json.loads(out["qsm_info"])["network_grid"]["field_voxels_kept"]
-    assert np.count_nonzero(radius < 13.0) < n_kept < np.count_nonzero(radius < 13.0 + 2.0 + math.sqrt(3))
+    assert n_kept == np.count_nonzero(kept) and n_kept < np.count_nonzero(~far)
     assert out["mask"].shape[1:] == shape and np.array_equal(out["mask"][0].numpy(), ball)  # still the input's
     back = to_grid.inverse({"image": net})["image"]
     assert tuple(back.shape[1:]) == shape and np.allclose(back.affine.numpy(), affine)

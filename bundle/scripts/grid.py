@@ -216,12 +216,13 @@ class ToNetworkGridd(MapTransform, InvertibleTransform):
         inverse_mode: interpolation of χ back onto the input grid (default ``"bilinear"``: float32 and fast on
             large grids; None: the same as ``mode``).
         mask_key: the input-grid mask (from :class:`PrepareFieldd`), or None. When given and the field is
-            resampled, the field is set to 0 wherever the trilinearly resampled mask is 0 (beyond the mask's edge
-            by more than an input voxel), as the training fields are 0 outside their mask: the cubic B-spline's
-            tails no longer leave a small non-zero field in every voxel of the grid, and the sliding window skips
-            the windows that see none of the mask, as on a 1 mm input. Within the mask's edge the interpolated
-            field is kept as it is (a cut at the resampled mask's 0.5 level measured worse: ``docs/inputs.md``).
-            The mask under ``mask_key`` stays on the input grid.
+            resampled, the field is set to 0 beyond the reach of the interpolation's kernel from the mask (the mask
+            grown by 2 input voxels for the cubic B-spline, 1 for trilinear, then carried onto the grid
+            trilinearly): training fields are 0 outside their mask, and there the resampled field holds only the
+            B-spline prefilter's tails (decaying by 0.27 per voxel but non-zero in every voxel of the grid), which
+            kept the sliding window from skipping any window. Within the reach the interpolated field is kept: the
+            network reads it (cut at the mask's edge instead, the network alone was 0.3 points worse on the
+            ideal validation heads, ``docs/inputs.md``). The mask under ``mask_key`` stays on the input grid.
 
     Outside the input's field of view the resampled field is 0 (as outside the mask). A volume already on the
     network grid passes unchanged (nothing to invert).
@@ -245,6 +246,9 @@ class ToNetworkGridd(MapTransform, InvertibleTransform):
         self.b0_direction = as_triplet(b0_direction, "b0_direction")
         self.align_b0 = as_bool(align_b0, "align_b0")
         self.resampler = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
+        #: input voxels beyond the mask that the interpolation's kernel reaches: a B-spline of order n spans n + 1
+        #: voxels (cubic: ±2); ``"bilinear"``: ±1
+        self.mask_reach = math.ceil((mode + 1) / 2) if isinstance(mode, int) else 1
 
     def plan(self, img) -> GridPlan:
         return network_grid(img.affine, img.shape[1:], self.voxel_size, self.b0_direction, self.align_b0)
@@ -281,9 +285,9 @@ class ToNetworkGridd(MapTransform, InvertibleTransform):
         return d
 
     def _zero_outside_mask(self, field: MetaTensor, mask, plan: GridPlan) -> int:
-        """Set the resampled ``field`` to 0 where ``mask`` (on the input grid), resampled onto ``plan``
-        trilinearly, is 0. In place, so that the resampling's record on ``field`` stays as it is; returns the
-        number of voxels kept."""
+        """Set the resampled ``field`` to 0 where ``mask`` (on the input grid), grown by ``mask_reach`` voxels and
+        resampled onto ``plan`` trilinearly, is 0. In place, so that the resampling's record on ``field`` stays as
+        it is; returns the number of voxels kept."""
         op = field.applied_operations[-1]
         values = mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)
         if tuple(values.shape[1:]) != tuple(op[TraceKeys.ORIG_SIZE]):
@@ -291,7 +295,10 @@ class ToNetworkGridd(MapTransform, InvertibleTransform):
                 f"{os.path.basename(source_filename(field))}: the mask's shape {tuple(values.shape[1:])} is not the "
                 f"field's {tuple(op[TraceKeys.ORIG_SIZE])}"
             )
-        on_input = MetaTensor(values.float(), affine=op[TraceKeys.EXTRA_INFO]["src_affine"])
+        values = (values > 0).float()
+        if self.mask_reach:  # the mask grown by the interpolation's reach, in input voxels
+            values = torch.nn.functional.max_pool3d(values[None], 2 * self.mask_reach + 1, 1, self.mask_reach)[0]
+        on_input = MetaTensor(values, affine=op[TraceKeys.EXTRA_INFO]["src_affine"])
         with self.resampler.trace_transform(False):
             on_grid = self.resampler(
                 on_input, dst_affine=torch.as_tensor(plan.affine), spatial_size=plan.shape, mode="bilinear"
