@@ -87,7 +87,6 @@ __all__ = [
     "lesion_total_susceptibility",
     "tile_seam_ratio",
     "compute_all",
-    "case_metrics",
     "prepare_case",
     "metric_of",
     "PreparedCase",
@@ -642,17 +641,7 @@ def compute_all(
     lesion totals.
     """
     r, t, m = _prepare(pred, truth, mask)
-    value, detrended = _nrmse_pair(r, t, m)
-    out = {
-        "nrmse": value,
-        "nrmse_2016": _nrmse_2016(r, t, m),
-        "nrmse_detrended": detrended,
-        "hfen": _hfen(r, t, m),
-        "xsim": _xsim(r, t, m),
-        "ssim": _ssim_standard(r, t, m),
-        "psnr": _psnr(r, t, m),
-        "pearson": _pearson(r, t, m),
-    }
+    out = {name: metric(r, t, m) for name, metric in _PREPARED.items()}
     seg = None if labels is None else _labels(labels, m.shape)
     if seg is not None:
         out["dgm_linearity"] = _dgm_linearity(r, t, seg, DGM_LABEL_IDS)
@@ -711,17 +700,6 @@ def metric_of(case: PreparedCase, name: str) -> float:
     if name not in _PREPARED:
         raise ValueError(f"unknown metric {name!r}; expected one of {sorted(_PREPARED)}")
     return float(_PREPARED[name](case.r, case.t, case.m))
-
-
-def case_metrics(pred, truth, mask, names: Sequence[str] = ("nrmse", "xsim", "hfen")) -> dict[str, float]:
-    """Several per-case metrics of one map (keys of :data:`CASE_METRICS`, e.g. NRMSE %, XSIM and HFEN %) from one
-    preparation of the arrays: the same values as the functions of those names, without converting, masking and
-    checking the volumes once per metric."""
-    unknown = [n for n in names if n not in _PREPARED]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; expected names from {sorted(_PREPARED)}")
-    case = prepare_case(pred, truth, mask)
-    return {n: metric_of(case, n) for n in names}
 
 
 #: Per-case metrics of (pred, truth, mask), usable by :class:`QSMMetric`.
