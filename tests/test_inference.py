@@ -1,6 +1,7 @@
 """Crop-aware sliding-window inference: stitching is exact for any volume shape; checkpoints load on any device."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from scripts.checks import FieldSettings
-from scripts.inference import CropSlidingWindowInferer
+from scripts.inference import CropSlidingWindowInferer, PlacementBatch
 from scripts.networks import CenterCrop3d, QSMGenerator, qsmgan_unet
 
 
@@ -180,6 +181,43 @@ def test_fit_placement_reads_each_window_at_its_place():
         whole = net(nn.functional.pad(field, (8,) * 6))
         fit = CropSlidingWindowInferer(64, 8, overlap=0.125, placement="fit")(field, net)
     torch.testing.assert_close(fit[field != 0], whole[field != 0], rtol=1e-4, atol=1e-5)
+
+
+def test_placement_per_call_and_per_case():
+    """``placement`` given to a call overrides the inferer's own (the windows a counting network sees change, the
+    inferer's setting does not); PlacementBatch asks for ``resampled_placement`` exactly when ToNetworkGridd's
+    record says the case was resampled, and refuses unknown placements."""
+    field = torch.zeros(1, 1, 70, 40, 40)
+    field[..., 30:64, 5:35, 5:35] = 1.0  # 34 voxels along x: two grid tiles of 42 (stride), one fitted
+    calls = []
+
+    def counting(windows):
+        calls.append(len(windows))
+        return windows[:, :, 8:-8, 8:-8, 8:-8]
+
+    inferer = CropSlidingWindowInferer(64, 8, overlap=0.125, placement="fit")
+    inferer(field, counting)
+    fitted, calls[:] = sum(calls), []
+    inferer(field, counting, placement="grid")
+    on_grid, calls[:] = sum(calls), []
+    assert fitted < on_grid and inferer.placement == "fit"
+    inferer(field, counting)
+    assert sum(calls) == fitted
+    with pytest.raises(ValueError, match="placement"):
+        inferer(field, counting, placement="tight")
+
+    def batch(resampled):
+        record = json.dumps({"network_grid": {"resampled": resampled}})
+        return {"image": field, "label": None, "qsm_info": [record]}
+
+    prepare = PlacementBatch("grid")
+    image, label, args, kwargs = prepare(batch(True))
+    assert image is field and label is None and args == () and kwargs == {"placement": "grid"}
+    assert prepare(batch(False))[3] == {}
+    assert prepare({"image": field})[3] == {}  # no record: the inferer's own placement
+    assert PlacementBatch(None)(batch(True))[3] == {}
+    with pytest.raises(ValueError, match="resampled_placement"):
+        PlacementBatch("tight")
 
 
 def test_output_keeps_meta_and_batches():
