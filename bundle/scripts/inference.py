@@ -5,8 +5,9 @@
 the volume has been zero-padded by ``margin`` (and up to a whole number of tiles), so every output voxel comes
 from exactly one window and no blending is needed; with ``overlap`` > 0 the output tiles overlap and are blended
 with a weight that falls off towards their faces (normalised by the summed weights). MONAI's
-``SlidingWindowInferer`` would read a smaller output as a zoomed one, so it is not used here. :class:`CaseReport`
-scores cases that come with a true χ.
+``SlidingWindowInferer`` would read a smaller output as a zoomed one, so it is not used here. :class:`PlacementBatch`
+(the evaluator's ``prepare_batch``) chooses the tiles' placement per case; :class:`CaseReport` scores cases that
+come with a true χ.
 
 The rest of the inference workflow (``configs/inference.json``): :mod:`scripts.checks` (which cases, checked),
 :mod:`scripts.demo` (the demo case), :mod:`scripts.grid` (units and the network's grid), :mod:`scripts.refine`
@@ -141,10 +142,7 @@ class CropSlidingWindowInferer(Inferer):
         placement: str = "grid",
     ) -> None:
         super().__init__()
-        if placement not in self.PLACEMENTS:
-            raise ValueError(f"placement must be one of {self.PLACEMENTS}, got {placement!r}")
-        if placement == "fit" and not skip_empty:
-            raise ValueError("placement='fit' covers only the non-zero input: it needs skip_empty=True")
+        self._check_placement(placement, skip_empty)
         if roi_size <= 2 * margin or margin < 0:
             raise ValueError(f"need roi_size > 2 * margin >= 0, got roi_size={roi_size}, margin={margin}")
         if sw_batch_size < 1:
@@ -170,6 +168,13 @@ class CropSlidingWindowInferer(Inferer):
         self.progress = bool(progress)
         self.fold_batchnorm = as_bool(fold_batchnorm, "fold_batchnorm")
         self.placement = placement
+
+    @classmethod
+    def _check_placement(cls, placement: str, skip_empty: bool) -> None:
+        if placement not in cls.PLACEMENTS:
+            raise ValueError(f"placement must be one of {cls.PLACEMENTS}, got {placement!r}")
+        if placement == "fit" and not skip_empty:
+            raise ValueError("placement='fit' covers only the non-zero input: it needs skip_empty=True")
 
     def tile_counts(self, spatial_shape: Sequence[int]) -> list[int]:
         """Output tiles along each axis: enough tiles at ``stride`` for the last one to reach the volume's end."""
@@ -267,10 +272,7 @@ class CropSlidingWindowInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"expected (B, C, X, Y, Z) inputs, got shape {tuple(inputs.shape)}")
         placement = self.placement if placement is None else placement
-        if placement not in self.PLACEMENTS:
-            raise ValueError(f"placement must be one of {self.PLACEMENTS}, got {placement!r}")
-        if placement == "fit" and not self.skip_empty:
-            raise ValueError("placement='fit' covers only the non-zero input: it needs skip_empty=True")
+        self._check_placement(placement, self.skip_empty)
         spatial = inputs.shape[-3:]
         m, t = self.margin, self.tile
         raw = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
