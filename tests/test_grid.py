@@ -219,3 +219,13 @@ def test_training_grid_input_is_not_resampled():
     # B0 override: voxel axis 0 is B0 (a sagittal slab): the network grid puts it third
     plan = network_grid(affine, (30, 20, 10), b0_direction=(1.0, 0.0, 0.0))
     assert plan.resample and plan.shape == (20, 10, 30)
+
+
+def test_mask_grown_by_a_box_equals_a_max_pool():
+    """The reach's growth (``scripts.grid._grow_box``) is the binary dilation by a (2r + 1)³ box: a max-pool."""
+    from scripts.grid import _grow_box
+
+    mask = torch.rand(1, 17, 12, 9, generator=torch.Generator().manual_seed(4)) > 0.93
+    for reach in (0, 1, 2, 3):
+        pooled = torch.nn.functional.max_pool3d(mask.float()[None], 2 * reach + 1, 1, reach)[0] > 0
+        assert torch.equal(_grow_box(mask, reach), pooled), reach

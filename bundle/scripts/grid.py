@@ -127,6 +127,19 @@ def network_grid(
     return GridPlan(out, tuple(int(n) for n in n_t), True, j, tilt, tuple(float(v) for v in vox_t))  # type: ignore
 
 
+def _grow_box(mask: torch.Tensor, reach: int) -> torch.Tensor:
+    """A boolean (C, X, Y, Z) mask grown by ``reach`` voxels along each spatial axis (a (2·reach + 1)³ box, as a
+    binary dilation or a max-pool with that kernel), as shifted ORs axis by axis: milliseconds where a 5³ max-pool
+    took 0.35 s on a 144×176×144 mask."""
+    for axis in (1, 2, 3):
+        n, grown = mask.shape[axis], mask.clone()
+        for shift in range(1, min(reach, n - 1) + 1):
+            grown.narrow(axis, shift, n - shift).logical_or_(mask.narrow(axis, 0, n - shift))
+            grown.narrow(axis, 0, n - shift).logical_or_(mask.narrow(axis, shift, n - shift))
+        mask = grown
+    return mask
+
+
 class PrepareFieldd(MapTransform):
     """Field in ``field_unit`` → local field in ppm on the input grid, and the mask that goes with it.
 
@@ -295,10 +308,8 @@ class ToNetworkGridd(MapTransform, InvertibleTransform):
                 f"{os.path.basename(source_filename(field))}: the mask's shape {tuple(values.shape[1:])} is not the "
                 f"field's {tuple(op[TraceKeys.ORIG_SIZE])}"
             )
-        values = (values > 0).float()
-        if self.mask_reach:  # the mask grown by the interpolation's reach, in input voxels
-            values = torch.nn.functional.max_pool3d(values[None], 2 * self.mask_reach + 1, 1, self.mask_reach)[0]
-        on_input = MetaTensor(values, affine=op[TraceKeys.EXTRA_INFO]["src_affine"])
+        grown = _grow_box(values > 0, self.mask_reach)  # the interpolation's reach, in input voxels
+        on_input = MetaTensor(grown.float(), affine=op[TraceKeys.EXTRA_INFO]["src_affine"])
         with self.resampler.trace_transform(False):
             on_grid = self.resampler(
                 on_input, dst_affine=torch.as_tensor(plan.affine), spatial_size=plan.shape, mode="bilinear"
