@@ -39,9 +39,10 @@ held-out evaluation's grid), which the pipeline resamples onto the network's 1 m
 
 Settings: ``previous`` is the default of commit e037a82 as far as a setting switches it: ``--sw_placement grid``
 (the other changes since are in the code: the generator's finest decoder levels computed only where the crop keeps
-them, even lengths for the real FFT's halved axis, a resampled field set to 0 outside the resampled mask), so in process the two settings run the same code, the tiles
-from the volume's first voxel against tiles fitted to the mask, unless
-``--previous_tree DIR`` names a checkout of the earlier commit (``git worktree add /tmp/prev e037a82``): then
+them, even lengths for the real FFT's halved axis, a resampled field set to 0 beyond the mask's reach), so in
+process the two settings run the same code, the tiles from the volume's first voxel against tiles fitted to the
+mask (on ``resampled`` both the former: ``sw_placement_resampled``), unless ``--previous_tree DIR`` names a
+checkout of the earlier commit (``git worktree add /tmp/prev e037a82``): then
 ``previous`` runs that tree's ``bundle/`` with its own defaults, on the command line only, alternating with the
 current tree's runs, and the maps compared are the written ones (the network-alone χ is not written). ``current``
 is ``configs/inference.json`` as it is. In process every run of ``previous`` (its warm-up first) comes before any run
