@@ -641,7 +641,8 @@ def compute_all(
     lesion totals.
     """
     r, t, m = _prepare(pred, truth, mask)
-    out = {name: metric(r, t, m) for name, metric in _PREPARED.items()}
+    pair = dict(zip(("nrmse", "nrmse_detrended"), _nrmse_pair(r, t, m)))  # one demeaning and fit for both
+    out = {name: pair[name] if name in pair else metric(r, t, m) for name, metric in _PREPARED.items()}
     seg = None if labels is None else _labels(labels, m.shape)
     if seg is not None:
         out["dgm_linearity"] = _dgm_linearity(r, t, seg, DGM_LABEL_IDS)
